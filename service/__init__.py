@@ -1,0 +1,1 @@
+"""The reward service (FastAPI): batched scoring and best-of-N reranking."""
