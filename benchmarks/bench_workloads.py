@@ -22,7 +22,12 @@ import torch
 # Every member gets the same freshly initialised head: a shared initialisation, as in WARM.
 HEAD_SEED = 1234
 NOISE_REL_STD = 1e-3
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Input files are hashed on a background thread while the merge runs.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,7 +60,7 @@ class MergePlan:
 
     spec: MergeSpec
     members: tuple[Checkpoint, ...]
-    weights: tuple[float, ...]  # normalised, aligned with members
+    raw_weights: tuple[float, ...]  # as given (uniform: 1.0), aligned with members
     init: Checkpoint | None
     shards: tuple[ShardPlan, ...]
 
@@ -69,16 +70,22 @@ class MergePlan:
         return tuple(t for s in self.shards for t in s.tensors)
 
     @property
+    def weights(self) -> tuple[float, ...]:
+        """Member weights normalised to the simplex, aligned with members."""
+        total = math.fsum(self.raw_weights)
+        return tuple(w / total for w in self.raw_weights)
+
+    @property
     def init_weight(self) -> float:
-        """Weight of init in a LITI average (0 when not interpolating)."""
+        """Normalised weight of init in a LITI average (0 when not interpolating)."""
         return 0.0 if self.spec.liti is None else 1.0 - self.spec.liti
 
     def positive_members(self) -> list[tuple[Checkpoint, float]]:
-        """Members with a positive weight, in canonical order (zero weights are not read)."""
-        return [(m, w) for m, w in zip(self.members, self.weights, strict=True) if w > 0]
+        """Members with a positive raw weight, in canonical order (zero weights are not read)."""
+        return [(m, w) for m, w in zip(self.members, self.raw_weights, strict=True) if w > 0]
 
     def sources(self) -> list[tuple[Checkpoint, float]]:
-        """The (input, weight) terms a floating tensor is read from, in summation order."""
+        """The (input, raw weight) terms a floating tensor is read from, in summation order."""
         members = self.positive_members()
         if self.spec.method is Method.slerp:
             assert self.init is not None
@@ -105,11 +112,10 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
     """Open and check every input; fix the canonical order and the output layout."""
     opened = [open_checkpoint(p) for p in spec.inputs]
     # Canonical order: the result never depends on the order of the command-line arguments.
-    order = sorted(
-        range(len(opened)), key=lambda i: (str(opened[i].path), spec.normalized_weights()[i])
-    )
+    raw = spec.weights or (1.0,) * len(opened)
+    order = sorted(range(len(opened)), key=lambda i: (str(opened[i].path), raw[i]))
     members = tuple(opened[i] for i in order)
-    weights = tuple(spec.normalized_weights()[i] for i in order)
+    raw_weights = tuple(raw[i] for i in order)
     init = open_checkpoint(spec.init) if spec.init is not None else None
     check_compatible(
         list(members),
@@ -123,7 +129,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         for t in members[0].tensors.values()
     ]
     shards = tuple(plan_shards(planned, spec.max_shard_size))
-    return MergePlan(spec, members, weights, init, shards)
+    return MergePlan(spec, members, raw_weights, init, shards)
 
 
 def _row_chunks(info: TensorInfo, chunk_elements: int) -> Iterator[tuple[int, int] | None]:
@@ -148,6 +154,7 @@ def _merge_average(
     plan: MergePlan, target: PlannedTensor, writer: ShardWriter, progress: Progress
 ) -> None:
     terms = plan.sources()
+    total = math.fsum(w for _, w in terms)
     ref = terms[0][0].tensors[target.name]
     acc_dtype = accumulator_for(target.dtype)
     for rows in _row_chunks(ref, plan.spec.chunk_elements):
@@ -165,7 +172,7 @@ def _merge_average(
                 accumulate(acc, x, weight)
                 progress(x.nbytes)
                 del x
-        writer.write(target.name, acc.to(to_torch(target.dtype)))
+        writer.write(target.name, acc.div_(total).to(to_torch(target.dtype)))
 
 
 def _merge_slerp(
@@ -229,6 +236,8 @@ def _record(plan: MergePlan, hashes: dict[Path, dict[str, str]] | None) -> Merge
         )
     floating = sorted({t.dtype for t in plan.tensors if t.dtype in FLOATING})
     spec = plan.spec.model_dump(mode="json", exclude={"inputs", "init"})
+    if plan.spec.weights is not None:
+        spec["weights"] = list(plan.raw_weights)  # canonical order, like the inputs
     return MergeRecord(
         tool_version=__version__,
         method=plan.spec.method.value,

@@ -166,15 +166,13 @@ def inspect(
     out.print(f"tool         {merge.tool} {merge.tool_version}")
     out.print(f"method       {merge.method}" + (f", liti eta={merge.liti}" if merge.liti else ""))
     out.print(f"output dtype {merge.output_dtype}")
-    table = Table("weight", "input", "files (sha256)")
-    for rec in merge.inputs:
-        files = "\n".join(f"{n} {h[:16]}" for n, h in rec.files.items())
-        table.add_row(f"{rec.weight:.6f}", rec.path, files)
-    if merge.init is not None:
-        files = "\n".join(f"{n} {h[:16]}" for n, h in merge.init.files.items())
-        table.add_row(f"init {merge.init.weight:.6f}", merge.init.path, files)
-    out.print(table)
-    out.print("config " + json.dumps(merge.config, sort_keys=True))
+    records = [("input", r) for r in merge.inputs]
+    records += [("init", merge.init)] if merge.init is not None else []
+    for role, rec in records:
+        out.print(f"{role:<12} {rec.weight:.6f}  {rec.path}", soft_wrap=True, highlight=False)
+        for name, digest in rec.files.items():
+            out.print(f"{'':<14}{digest}  {name}", soft_wrap=True, highlight=False)
+    out.print("config       " + json.dumps(merge.config, sort_keys=True), soft_wrap=True)
 
 
 @app.command()
@@ -187,6 +185,53 @@ def verify(artifact: Annotated[Path, typer.Argument(help="A WARM artifact direct
     except MergeError as exc:
         _fail(str(exc))
     out.print(f"ok: {len(manifest.files)} files match (fingerprint {manifest.fingerprint[:16]})")
+
+
+@app.command()
+def diagnose(
+    checkpoints: Annotated[
+        list[Path], typer.Argument(help="Member RM dirs; the curve runs from the 1st to the 2nd.")
+    ],
+    data: Annotated[
+        Path, typer.Option(help="Preference pairs: JSONL of prompt, chosen, rejected.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for diagnose.json and .png.")],
+    steps: Annotated[int, typer.Option(min=2, help="Lambda values from 0 to 1.")] = 11,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 16,
+    max_length: Annotated[int, typer.Option(min=1, help="Tokens per text (truncated).")] = 256,
+) -> None:
+    """Linear mode connectivity: accuracy of weight vs reward averaging along lambda."""
+    from merger.diagnose import diagnose as run_diagnose
+    from merger.diagnose import lambda_grid, load_preferences, write_report
+
+    try:
+        prefs = load_preferences(data)
+        with err.status(f"scoring {len(prefs)} pairs with {len(checkpoints)} models"):
+            diag = run_diagnose(
+                checkpoints,
+                prefs,
+                lambdas=lambda_grid(steps),
+                batch_size=batch_size,
+                max_length=max_length,
+            )
+        json_path, png_path = write_report(diag, out_dir)
+    except (MergeError, ValueError) as exc:
+        _fail(str(exc))
+    table = Table("lambda", "WA acc", "ENS acc", "chord", "agreement", title="A -> B")
+    for p in diag.curve:
+        row = (p.lam, p.wa_accuracy, p.ens_accuracy, p.chord, p.agreement)
+        table.add_row(*(f"{v:.3f}" for v in row))
+    out.print(table)
+    for i, member in enumerate(diag.members):
+        out.print(f"member {i} accuracy {member.accuracy:.3f}  {member.path}", highlight=False)
+    if diag.uniform is not None:
+        u = diag.uniform
+        out.print(
+            f"uniform M={u.members}: WA {u.wa_accuracy:.3f}, ENS {u.ens_accuracy:.3f}, "
+            f"agreement {u.agreement:.3f}"
+        )
+    out.print(f"barrier {diag.barrier:+.3f} (<= 0: linearly mode connected)")
+    out.print(f"wrote {json_path} and {png_path}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

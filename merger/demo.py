@@ -77,7 +77,7 @@ def main() -> None:
     """Build members, merge, verify, inspect and score."""
     from transformers.utils import logging
 
-    logging.disable_progress_bar()
+    logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     CACHE.mkdir(parents=True, exist_ok=True)
     console.rule("1. member reward models (MiniLM body, seeded heads)")
     members = make_members(CACHE)

@@ -23,18 +23,24 @@ def accumulate(acc: torch.Tensor, x: torch.Tensor, weight: float) -> None:
 def weighted_average(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], acc_dtype: torch.dtype
 ) -> torch.Tensor:
-    """sum_i w_i * x_i in acc_dtype, summed in the given order (weights already normalised)."""
+    """(sum_i w_i * x_i) / sum_i w_i in acc_dtype, summed in the given order.
+
+    Raw weights are summed first and divided once at the end: with integer weights the sum
+    of fp32 (or bf16) inputs is exact in fp64 (fp32), so the one division rounds correctly,
+    ties included; multiplying by pre-normalised weights such as 1/3 would not.
+    """
     if len(tensors) != len(weights) or not tensors:
         raise ValueError(f"{len(tensors)} tensors for {len(weights)} weights")
     acc = torch.zeros(tensors[0].shape, dtype=acc_dtype)
     for x, w in zip(tensors, weights, strict=True):
         accumulate(acc, x, w)
-    return acc
+    return acc.div_(math.fsum(weights))
 
 
 def liti_weights(weights: Sequence[float], eta: float) -> tuple[float, tuple[float, ...]]:
-    """(init weight, member weights) of (1 - eta) * init + eta * sum_i w_i * x_i."""
-    return 1.0 - eta, tuple(eta * w for w in weights)
+    """(init weight, member weights) of (1 - eta) * init + eta * mean_w(x), same total."""
+    total = math.fsum(weights)
+    return (1.0 - eta) * total, tuple(eta * w for w in weights)
 
 
 def slerp_pair(d1: torch.Tensor, d2: torch.Tensor, t: float) -> torch.Tensor:

@@ -1,0 +1,351 @@
+"""Linear mode connectivity (WARM, section 3): accuracy along weight vs prediction averaging.
+
+For members A and B (the first two inputs) and each lambda, preference accuracy of
+  WA:    the model with weights (1 - lambda) * theta_A + lambda * theta_B,
+  ENS:   the reward (1 - lambda) * r_A + lambda * r_B (prediction ensembling),
+  chord: (1 - lambda) * acc_A + lambda * acc_B,
+plus how often WA and ENS agree on which response wins. WA at or above the chord (no
+barrier) means the members are linearly mode connected and weight averaging is safe; for
+M > 2 inputs the uniform WA of all members is compared with their uniform ENS as well.
+
+Memory: every member's full state dict is held in fp32, plus one interpolated copy and one
+model. That is fine for the diagnostic-sized models this runs on; it is not the streaming
+path that `warm-merge build` takes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file
+
+from merger.checkpoints import Checkpoint, check_compatible, open_checkpoint
+from merger.errors import MergeError
+from merger.formatting import DEFAULT_SEPARATOR, render
+from merger.methods import weighted_average
+
+JSON_NAME = "diagnose.json"
+PNG_NAME = "diagnose.png"
+
+State = dict[str, torch.Tensor]
+
+
+class Preference(BaseModel):
+    """One labelled comparison: `chosen` is the better response to `prompt`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class MemberResult(BaseModel):
+    """One input checkpoint and its preference accuracy."""
+
+    path: str
+    accuracy: float
+
+
+class CurvePoint(BaseModel):
+    """WA, ENS and the chord at one interpolation coefficient between members A and B."""
+
+    lam: float = Field(description="Interpolation coefficient: 0 is member A, 1 is member B.")
+    wa_accuracy: float = Field(description="Accuracy of the weight average.")
+    ens_accuracy: float = Field(description="Accuracy of the reward ensemble.")
+    chord: float = Field(description="(1 - lam) * acc_A + lam * acc_B.")
+    agreement: float = Field(description="Fraction of pairs where WA and ENS pick the same side.")
+
+
+class UniformResult(BaseModel):
+    """Uniform WA of all M members against their uniform ENS."""
+
+    members: int
+    wa_accuracy: float
+    ens_accuracy: float
+    agreement: float
+
+
+class Diagnosis(BaseModel):
+    """The whole diagnostic: members, the A-B curve and, for M > 2, the uniform comparison."""
+
+    pairs: int = Field(description="Number of preference pairs scored.")
+    max_length: int = Field(description="Token budget per text (longer texts are truncated).")
+    members: list[MemberResult]
+    curve: list[CurvePoint]
+    barrier: float = Field(description="Max of chord - WA accuracy; <= 0: linearly connected.")
+    uniform: UniformResult | None = None
+
+
+def load_preferences(path: Path) -> list[Preference]:
+    """Read JSONL preference pairs ({prompt, chosen, rejected} per line; blank lines skipped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read preference data ({exc})") from exc
+    prefs = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+            )
+        try:
+            prefs.append(Preference.model_validate(record))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{path}:{lineno}: field {field}: {first['msg']}") from exc
+    if not prefs:
+        raise ValueError(f"{path}: no preference pairs (the file is empty)")
+    return prefs
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Fraction of pairs with chosen reward > rejected reward; a tie counts 0.5."""
+    if chosen.shape != rejected.shape or chosen.numel() == 0:
+        raise ValueError(f"need two equal non-empty shapes, got {chosen.shape}, {rejected.shape}")
+    wins = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+    return float(wins.mean())
+
+
+def agreement(margins_a: torch.Tensor, margins_b: torch.Tensor) -> float:
+    """Fraction of pairs whose margins have the same sign (0 is a sign of its own)."""
+    if margins_a.shape != margins_b.shape or margins_a.numel() == 0:
+        raise ValueError(
+            f"need two equal non-empty shapes, got {margins_a.shape}, {margins_b.shape}"
+        )
+    return float((torch.sign(margins_a) == torch.sign(margins_b)).double().mean())
+
+
+def chord(acc_a: float, acc_b: float, lam: float) -> float:
+    """The straight line between the members' accuracies: (1 - lam) * acc_a + lam * acc_b."""
+    return (1.0 - lam) * acc_a + lam * acc_b
+
+
+def lambda_grid(steps: int) -> list[float]:
+    """`steps` evenly spaced coefficients from 0 to 1, both ends exact."""
+    if steps < 2:
+        raise ValueError(f"steps is {steps}: the grid needs at least its two ends")
+    return [i / (steps - 1) for i in range(steps)]
+
+
+def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+    """sum_i w_i * state_i (weights sum to 1) in fp32; non-floating tensors must agree."""
+    out: State = {}
+    for name, ref in states[0].items():
+        tensors = [s[name] for s in states]
+        if ref.is_floating_point():
+            out[name] = weighted_average(tensors, weights, torch.float32)
+        elif all(torch.equal(ref, t) for t in tensors[1:]):
+            out[name] = ref
+        else:
+            raise MergeError(f"{ref.dtype} tensor {name} differs between members; cannot average")
+    return out
+
+
+def _load_state(ckpt: Checkpoint) -> State:
+    state: State = {}
+    for file in ckpt.weight_files:
+        state.update(load_file(str(file)))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _load_into(model: Any, state: State, source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # torch lists every missing / unexpected key in one message
+        raise MergeError(
+            f"{source}: weights do not fit the model built from config.json ({exc})"
+        ) from exc
+
+
+def _rewards(model: Any, batches: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """One scalar reward per text, in input order. Shape [N], fp32."""
+    with torch.inference_mode():
+        return torch.cat([model(**enc).logits[:, 0].float() for enc in batches])
+
+
+def _tokenize(
+    tokenizer: Any, texts: list[str], batch_size: int, max_length: int
+) -> list[Mapping[str, torch.Tensor]]:
+    # Tokenized once: every evaluation then sees identical batches, so WA at lambda = 0
+    # reproduces member A bit for bit.
+    return [
+        tokenizer(
+            texts[i : i + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+def _validate_args(checkpoints: list[Path], data: list[Preference], lambdas: list[float]) -> None:
+    if len(checkpoints) < 2:
+        raise ValueError(f"diagnose needs at least two checkpoints, got {len(checkpoints)}")
+    if not data:
+        raise ValueError("no preference pairs to score")
+    if not lambdas:
+        raise ValueError("no lambdas: give at least one interpolation coefficient")
+    for lam in lambdas:
+        if not (math.isfinite(lam) and 0.0 <= lam <= 1.0):
+            raise ValueError(f"lambda {lam} is outside [0, 1]")
+
+
+def diagnose(
+    checkpoints: list[Path],
+    data: list[Preference],
+    *,
+    lambdas: list[float],
+    batch_size: int = 16,
+    max_length: int = 256,
+    separator: str = DEFAULT_SEPARATOR,
+) -> Diagnosis:
+    """Score members, WA and ENS along lambda (A to B) and, for M > 2, uniform WA vs ENS."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _validate_args(checkpoints, data, lambdas)
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size ({batch_size}) and max_length ({max_length}) must be >= 1")
+    members = [open_checkpoint(p) for p in checkpoints]
+    check_compatible(members, None, allow_multi_head=False)
+    first = members[0]
+    if first.config is None:
+        raise MergeError(f"{first.path}: diagnose needs model directories (config.json, tokenizer)")
+
+    tokenizer = AutoTokenizer.from_pretrained(first.path)
+    if tokenizer.pad_token_id is None:
+        raise MergeError(f"{first.path}: the tokenizer has no pad token; batches need padding")
+    model = AutoModelForSequenceClassification.from_pretrained(first.path).float().eval()
+    if model.config.pad_token_id is None:
+        # Decoder RMs read the reward at the last non-pad token, found through this id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    texts = [
+        render(tokenizer, prompt=p.prompt, response=p.chosen, separator=separator) for p in data
+    ]
+    texts += [
+        render(tokenizer, prompt=p.prompt, response=p.rejected, separator=separator) for p in data
+    ]
+    batches = _tokenize(tokenizer, texts, batch_size, max_length)
+    n = len(data)
+
+    def score(state: State, source: str) -> torch.Tensor:
+        _load_into(model, state, source)
+        return _rewards(model, batches)  # [2N]: chosen rewards, then rejected
+
+    def acc(rewards: torch.Tensor) -> float:
+        return pairwise_accuracy(rewards[:n], rewards[n:])
+
+    def margins(rewards: torch.Tensor) -> torch.Tensor:
+        return rewards[:n] - rewards[n:]
+
+    states = [_load_state(m) for m in members]
+    rewards = [score(s, str(m.path)) for s, m in zip(states, members, strict=True)]
+    accs = [acc(r) for r in rewards]
+
+    curve = []
+    for lam in lambdas:
+        wa = score(average_states(states[:2], [1.0 - lam, lam]), f"WA at lambda={lam}")
+        ens = (1.0 - lam) * rewards[0] + lam * rewards[1]
+        curve.append(
+            CurvePoint(
+                lam=lam,
+                wa_accuracy=acc(wa),
+                ens_accuracy=acc(ens),
+                chord=chord(accs[0], accs[1], lam),
+                agreement=agreement(margins(wa), margins(ens)),
+            )
+        )
+
+    uniform = None
+    if len(members) > 2:
+        wa = score(average_states(states, [1.0 / len(members)] * len(members)), "uniform WA")
+        ens = torch.stack(rewards).mean(dim=0)
+        uniform = UniformResult(
+            members=len(members),
+            wa_accuracy=acc(wa),
+            ens_accuracy=acc(ens),
+            agreement=agreement(margins(wa), margins(ens)),
+        )
+
+    return Diagnosis(
+        pairs=n,
+        max_length=max_length,
+        members=[
+            MemberResult(path=str(m.path), accuracy=a) for m, a in zip(members, accs, strict=True)
+        ],
+        curve=curve,
+        barrier=max(p.chord - p.wa_accuracy for p in curve),
+        uniform=uniform,
+    )
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[IO[bytes]]:
+    """A temporary sibling of `path`, fsynced and renamed over it only on success."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plot(diag: Diagnosis, fh: IO[bytes]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # A bare Figure on an Agg canvas: no pyplot, so no global backend or figure registry.
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lams = [p.lam for p in diag.curve]
+    ax.plot(lams, [p.wa_accuracy for p in diag.curve], "o-", label="WA (weights)")
+    ax.plot(lams, [p.ens_accuracy for p in diag.curve], "s--", label="ENS (rewards)")
+    ax.plot(lams, [p.chord for p in diag.curve], ":", color="gray", label="chord")
+    ends = [diag.members[0].accuracy, diag.members[1].accuracy]
+    ax.scatter([0.0, 1.0], ends, marker="*", s=160, color="black", zorder=3, label="members A, B")
+    ax.set_xlabel("lambda  (0 = A, 1 = B)")
+    ax.set_ylabel(f"pairwise accuracy ({diag.pairs} pairs)")
+    mean_agree = sum(p.agreement for p in diag.curve) / len(diag.curve)
+    title = f"WA vs ENS: mean agreement {mean_agree:.3f}, barrier {diag.barrier:+.3f}"
+    if diag.uniform is not None:
+        title += f"\nuniform M={diag.uniform.members}: agreement {diag.uniform.agreement:.3f}"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fh, format="png", dpi=120)
+
+
+def write_report(diag: Diagnosis, out_dir: Path) -> tuple[Path, Path]:
+    """Write diagnose.json and diagnose.png into out_dir, each atomically; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / JSON_NAME, out_dir / PNG_NAME
+    with _atomic(json_path) as fh:
+        fh.write((diag.model_dump_json(indent=2) + "\n").encode())
+    with _atomic(png_path) as fh:
+        _plot(diag, fh)
+    return json_path, png_path

@@ -1,0 +1,110 @@
+"""Pure merge math against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from merger.dtypes import accumulator_for
+from merger.methods import (
+    liti_weights,
+    slerp_merge,
+    slerp_pair,
+    slerp_task_vectors,
+    weighted_average,
+)
+
+
+def test_weighted_average_hand_values() -> None:
+    a = torch.tensor([1.0, 2.0, -4.0])
+    b = torch.tensor([3.0, 6.0, 8.0])
+    out = weighted_average([a, b], [1.0, 3.0], torch.float32)  # (1*a + 3*b) / 4
+    assert out.tolist() == [2.5, 5.0, 5.0]
+
+
+def test_weighted_average_of_bf16_is_computed_in_the_accumulator_dtype() -> None:
+    # 1 + 2^-8 is exact in fp32 but not in bf16 (8 mantissa bits): no bf16 arithmetic.
+    a = torch.tensor([1.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16)
+    out = weighted_average([a, b], [1.0, 1.0], torch.float32)
+    assert out.dtype == torch.float32
+    assert out.item() == 1.0 + 2**-8
+
+
+def test_fp64_accumulation_gives_the_correctly_rounded_fp32_mean() -> None:
+    # Three fp32 inputs whose uniform mean is off by one fp32 ulp when summed in fp32.
+    values = [float.fromhex(h) for h in ("-0x1.bc4abap-2", "0x1.d47218p-2", "0x1.33a05cp-1")]
+    exact = sum((Fraction(v) for v in values), Fraction(0)) / 3
+    expected = torch.tensor(float(exact), dtype=torch.float32).item()
+    xs = [torch.tensor([v], dtype=torch.float32) for v in values]
+    w = [1.0, 1.0, 1.0]
+    in_fp32 = weighted_average(xs, w, torch.float32).item()
+    in_fp64 = weighted_average(xs, w, accumulator_for("F32")).to(torch.float32).item()
+    assert in_fp32 != expected
+    assert in_fp64 == expected == float.fromhex("0x1.aa4564p-3")
+
+
+def test_accumulator_policy() -> None:
+    assert accumulator_for("F32") is torch.float64
+    assert accumulator_for("BF16") is torch.float32
+    assert accumulator_for("F16") is torch.float32
+
+
+def test_liti_weights() -> None:
+    init_w, member_w = liti_weights([2.0, 1.0, 1.0], 0.25)  # totals stay 4: 3 + 0.5+0.25+0.25
+    assert init_w == 3.0
+    assert member_w == (0.5, 0.25, 0.25)
+
+
+def test_slerp_pair_orthogonal_unit_vectors() -> None:
+    e = torch.eye(2, dtype=torch.float64)
+    out = slerp_pair(e[0], e[1], 0.5)
+    s = math.sqrt(2) / 2  # sin(pi/4) / sin(pi/2)
+    assert out.tolist() == pytest.approx([s, s])
+
+
+def test_slerp_pair_endpoints_and_unequal_norms() -> None:
+    d1 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    d2 = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    assert slerp_pair(d1, d2, 0.0).tolist() == pytest.approx([2.0, 0.0])
+    assert slerp_pair(d1, d2, 1.0).tolist() == pytest.approx([0.0, 3.0])
+    # Omega = pi/2: coefficients sin((1-t)pi/2) and sin(t pi/2) on the raw task vectors.
+    t = 1 / 3
+    expected = [2.0 * math.sin(2 * math.pi / 6), 3.0 * math.sin(math.pi / 6)]
+    assert slerp_pair(d1, d2, t).tolist() == pytest.approx(expected)
+
+
+def test_slerp_pair_degenerate_falls_back_to_lerp() -> None:
+    d = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    assert slerp_pair(d, 3 * d, 0.5).tolist() == pytest.approx([2.0, 2.0])  # parallel
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert slerp_pair(zero, d, 0.25).tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_iterative_slerp_of_three_orthogonal_task_vectors() -> None:
+    # Step 1: slerp(e1, e2, 1/2) = (s, s, 0) with s = sqrt(2)/2 (unit norm).
+    # Step 2: slerp(r, e3, 1/3), Omega = pi/2: sin(pi/3) r + sin(pi/6) e3.
+    e = torch.eye(3, dtype=torch.float64)
+    out = slerp_task_vectors([e[0], e[1], e[2]], [1.0, 1.0, 1.0])
+    c = math.sqrt(6) / 4
+    assert out.tolist() == pytest.approx([c, c, 0.5])
+
+
+def test_weighted_slerp_skips_zero_weights() -> None:
+    e = torch.eye(3, dtype=torch.float64)
+    out = slerp_task_vectors([e[0], e[1], e[2]], [1.0, 0.0, 1.0])
+    s = math.sqrt(2) / 2
+    assert out.tolist() == pytest.approx([s, 0.0, s])
+
+
+def test_slerp_merge_adds_init_and_scales_by_eta() -> None:
+    init = torch.tensor([10.0, 10.0])
+    members = [torch.tensor([11.0, 10.0]), torch.tensor([10.0, 11.0])]
+    s = math.sqrt(2) / 2
+    full = slerp_merge(init, members, [0.5, 0.5], torch.float64)
+    assert full.tolist() == pytest.approx([10 + s, 10 + s])
+    half = slerp_merge(init, members, [0.5, 0.5], torch.float64, eta=0.5)
+    assert half.tolist() == pytest.approx([10 + s / 2, 10 + s / 2])
