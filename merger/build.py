@@ -150,8 +150,30 @@ def _read(info: TensorInfo) -> torch.Tensor:
     return tensor
 
 
+class _Buffers:
+    """Chunk buffers allocated once per merge: fresh multi-MB allocations page-fault on every
+    chunk and cost several times the arithmetic (measured in benchmarks/merge_bench.py)."""
+
+    def __init__(self, elements: int) -> None:
+        self.elements = elements
+        self._by_dtype: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A view of shape `shape` over the reusable buffer for `dtype` (contents undefined)."""
+        n = math.prod(shape)
+        buf = self._by_dtype.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, self.elements), dtype=dtype)
+            self._by_dtype[dtype] = buf
+        return buf[:n].view(shape)
+
+
 def _merge_average(
-    plan: MergePlan, target: PlannedTensor, writer: ShardWriter, progress: Progress
+    plan: MergePlan,
+    target: PlannedTensor,
+    writer: ShardWriter,
+    progress: Progress,
+    buffers: _Buffers,
 ) -> None:
     terms = plan.sources()
     total = math.fsum(w for _, w in terms)
@@ -159,7 +181,7 @@ def _merge_average(
     acc_dtype = accumulator_for(target.dtype)
     for rows in _row_chunks(ref, plan.spec.chunk_elements):
         shape = ref.shape if rows is None else (rows[1] - rows[0], *ref.shape[1:])
-        acc = torch.zeros(shape, dtype=acc_dtype)
+        acc = buffers.get(acc_dtype, shape).zero_()
         for ckpt, weight in terms:
             info = ckpt.tensors[target.name]
             # Open per chunk: the mapping (and the resident pages it pins) goes away on close,
@@ -172,7 +194,8 @@ def _merge_average(
                 accumulate(acc, x, weight)
                 progress(x.nbytes)
                 del x
-        writer.write(target.name, acc.div_(total).to(to_torch(target.dtype)))
+        out = buffers.get(to_torch(target.dtype), shape)
+        writer.write(target.name, out.copy_(acc.div_(total)))
 
 
 def _merge_slerp(
@@ -275,6 +298,7 @@ def run_merge(
         stop = threading.Event()
         hashing: Future[dict[Path, dict[str, str]]] = pool.submit(_hash_inputs, inputs, stop)
         draft = shard_metadata(_record(plan, None))
+        buffers = _Buffers(plan.spec.chunk_elements)
         writers: list[ShardWriter] = []
         try:
             for shard in plan.shards:
@@ -286,7 +310,7 @@ def run_merge(
                     elif plan.spec.method is Method.slerp:
                         _merge_slerp(plan, target, writer, tick)
                     else:
-                        _merge_average(plan, target, writer, tick)
+                        _merge_average(plan, target, writer, tick, buffers)
             record = _record(plan, hashing.result())
             final = shard_metadata(record)
             for writer in writers:

@@ -40,7 +40,7 @@ State = dict[str, torch.Tensor]
 
 
 class Preference(BaseModel):
-    """One labelled comparison: `chosen` is the better response to `prompt`."""
+    """One labelled comparison: `chosen` is the better response to `prompt` (extra keys ignored)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -327,7 +327,7 @@ def _plot(diag: Diagnosis, fh: IO[bytes]) -> None:
     ax.plot(lams, [p.chord for p in diag.curve], ":", color="gray", label="chord")
     ends = [diag.members[0].accuracy, diag.members[1].accuracy]
     ax.scatter([0.0, 1.0], ends, marker="*", s=160, color="black", zorder=3, label="members A, B")
-    ax.set_xlabel("lambda  (0 = A, 1 = B)")
+    ax.set_xlabel(r"$\lambda$  (0 = member A, 1 = member B)")
     ax.set_ylabel(f"pairwise accuracy ({diag.pairs} pairs)")
     mean_agree = sum(p.agreement for p in diag.curve) / len(diag.curve)
     title = f"WA vs ENS: mean agreement {mean_agree:.3f}, barrier {diag.barrier:+.3f}"

@@ -64,7 +64,6 @@ def test_uniform_average_equals_the_hand_computed_mean(
     states = [load_state(m) for m in members]
     merged = load_state(out)
     assert set(merged) == set(states[0])
-    differing = 0
     for name, tensor in merged.items():
         assert tensor.dtype == dtype and tensor.shape == states[0][name].shape
         assert torch.equal(tensor, exact_mean(states, [1, 1, 1], name).to(dtype)), name

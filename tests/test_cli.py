@@ -105,7 +105,7 @@ def _case(
     name: str, tmp_path: Path, members: list[Path], tok: Path
 ) -> tuple[list[str | Path], str]:
     """Set up one strictness violation; return (extra CLI args incl. inputs, expected message)."""
-    a, b, c = members
+    a, b, _ = members
     if name == "shape":
         make_rm(
             tmp_path / "wide", "gpt2", seed=9, config_overrides={"n_embd": 64}, tokenizer_dir=tok
