@@ -1,7 +1,7 @@
 """Plan and run a merge: inputs -> canonical order -> streamed chunks -> atomic artifact.
 
-Memory stays flat in M and in model size: one accumulator chunk, one input chunk at a time,
-each input file opened per chunk so its mapped pages are released straight after use.
+Memory stays flat in M and in model size: one fp64 accumulator chunk and one input chunk
+at a time, read with pread into buffers reused for the whole merge.
 Input files are hashed on a background thread while the merge runs.
 """
 
@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from merger import __version__
 from merger.checkpoints import (
     CONFIG_NAME,
     Checkpoint,
     TensorInfo,
+    TensorReader,
     check_compatible,
     open_checkpoint,
     sha256_file,
 )
 from merger.config import MergeSpec, Method
-from merger.dtypes import CONFIG_DTYPE_NAMES, FLOATING, OUTPUT_DTYPES, accumulator_for, to_torch
+from merger.dtypes import CONFIG_DTYPE_NAMES, FLOATING, OUTPUT_DTYPES, to_torch
 from merger.errors import MergeError
 from merger.manifest import (
     MANIFEST_NAME,
@@ -40,7 +40,7 @@ from merger.manifest import (
     manifest_bytes,
     shard_metadata,
 )
-from merger.methods import accumulate, liti_weights, slerp_pair
+from merger.methods import ACC_DTYPE, accumulate, liti_weights, round_to, slerp_pair
 from merger.writer import (
     INDEX_NAME,
     AtomicDirectory,
@@ -143,16 +143,9 @@ def _row_chunks(info: TensorInfo, chunk_elements: int) -> Iterator[tuple[int, in
         yield start, min(start + step, info.shape[0])
 
 
-def _read(info: TensorInfo) -> torch.Tensor:
-    """A whole tensor, copied out of the file (the mapping is closed on return)."""
-    with safe_open(str(info.file), framework="pt") as fh:
-        tensor: torch.Tensor = fh.get_tensor(info.name).clone()
-    return tensor
-
-
 class _Buffers:
-    """Chunk buffers allocated once per merge: fresh multi-MB allocations page-fault on every
-    chunk and cost several times the arithmetic (measured in benchmarks/merge_bench.py)."""
+    """Chunk buffers allocated once per merge: a fresh multi-MB allocation page-faults on
+    every chunk, which cost several times the arithmetic on the measured machine."""
 
     def __init__(self, elements: int) -> None:
         self.elements = elements
@@ -168,69 +161,60 @@ class _Buffers:
         return buf[:n].view(shape)
 
 
-def _merge_average(
-    plan: MergePlan,
-    target: PlannedTensor,
-    writer: ShardWriter,
-    progress: Progress,
-    buffers: _Buffers,
-) -> None:
-    terms = plan.sources()
+@dataclass
+class _Context:
+    plan: MergePlan
+    reader: TensorReader
+    buffers: _Buffers
+    progress: Progress
+
+    def read_whole(self, info: TensorInfo) -> torch.Tensor:
+        """A whole input tensor in a fresh tensor of its own dtype."""
+        out = torch.empty(info.shape, dtype=to_torch(info.dtype))
+        self.reader.read(info, None, out)
+        self.progress(out.nbytes)
+        return out
+
+
+def _merge_average(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
+    terms = ctx.plan.sources()
     total = math.fsum(w for _, w in terms)
     ref = terms[0][0].tensors[target.name]
-    acc_dtype = accumulator_for(target.dtype)
-    for rows in _row_chunks(ref, plan.spec.chunk_elements):
+    for rows in _row_chunks(ref, ctx.plan.spec.chunk_elements):
         shape = ref.shape if rows is None else (rows[1] - rows[0], *ref.shape[1:])
-        acc = buffers.get(acc_dtype, shape).zero_()
+        acc = ctx.buffers.get(ACC_DTYPE, shape).zero_()
         for ckpt, weight in terms:
             info = ckpt.tensors[target.name]
-            # Open per chunk: the mapping (and the resident pages it pins) goes away on close,
-            # and the chunk is summed straight from the mapped view, never copied.
-            with safe_open(str(info.file), framework="pt") as fh:
-                if rows is None:
-                    x = fh.get_tensor(info.name)
-                else:
-                    x = fh.get_slice(info.name)[rows[0] : rows[1]]
-                accumulate(acc, x, weight)
-                progress(x.nbytes)
-                del x
-        out = buffers.get(to_torch(target.dtype), shape)
-        writer.write(target.name, out.copy_(acc.div_(total)))
+            x = ctx.buffers.get(to_torch(info.dtype), shape)
+            ctx.reader.read(info, rows, x)
+            accumulate(acc, x, weight)
+            ctx.progress(x.nbytes)
+        writer.write(target.name, round_to(acc.div_(total), to_torch(target.dtype)))
 
 
-def _merge_slerp(
-    plan: MergePlan, target: PlannedTensor, writer: ShardWriter, progress: Progress
-) -> None:
+def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
     # SLERP needs whole-tensor norms, so it reads whole tensors; memory is a few copies of
     # the largest tensor, still flat in M (members are folded in one at a time).
+    plan = ctx.plan
     assert plan.init is not None
-    compute = accumulator_for(target.dtype)
-    base = _read(plan.init.tensors[target.name]).to(compute)
-    progress(base.nbytes)
+    base = ctx.read_whole(plan.init.tensors[target.name]).to(ACC_DTYPE)
     result: torch.Tensor | None = None
     cumulative = 0.0
     for ckpt, weight in plan.positive_members():
-        x = _read(ckpt.tensors[target.name])
-        progress(x.nbytes)
-        delta = x.to(compute) - base
+        delta = ctx.read_whole(ckpt.tensors[target.name]).to(ACC_DTYPE) - base
         cumulative += weight
         result = delta if result is None else slerp_pair(result, delta, weight / cumulative)
     assert result is not None
     eta = 1.0 if plan.spec.liti is None else plan.spec.liti
-    writer.write(target.name, (base + eta * result).to(to_torch(target.dtype)))
+    writer.write(target.name, round_to(base + eta * result, to_torch(target.dtype)))
 
 
-def _copy_exact(
-    plan: MergePlan, target: PlannedTensor, writer: ShardWriter, progress: Progress
-) -> None:
+def _copy_exact(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
     # Integer and boolean tensors (buffers, masks) are not averaged: they must agree.
-    members = [m for m, _ in plan.positive_members()]
-    first = _read(members[0].tensors[target.name])
-    progress(first.nbytes)
+    members = [m for m, _ in ctx.plan.positive_members()]
+    first = ctx.read_whole(members[0].tensors[target.name])
     for other in members[1:]:
-        x = _read(other.tensors[target.name])
-        progress(x.nbytes)
-        if not torch.equal(first, x):
+        if not torch.equal(first, ctx.read_whole(other.tensors[target.name])):
             raise MergeError(
                 f"{other.tensors[target.name].file}: {target.dtype} tensor {target.name} differs "
                 f"from {members[0].tensors[target.name].file}; non-floating tensors must be equal"
@@ -293,12 +277,13 @@ def run_merge(
     inputs = [*plan.members, *([plan.init] if plan.init is not None else [])]
     with (
         ThreadPoolExecutor(max_workers=1) as pool,
+        TensorReader() as reader,
         AtomicDirectory(out, overwrite=overwrite) as tmp,
     ):
         stop = threading.Event()
         hashing: Future[dict[Path, dict[str, str]]] = pool.submit(_hash_inputs, inputs, stop)
         draft = shard_metadata(_record(plan, None))
-        buffers = _Buffers(plan.spec.chunk_elements)
+        ctx = _Context(plan, reader, _Buffers(plan.spec.chunk_elements), tick)
         writers: list[ShardWriter] = []
         try:
             for shard in plan.shards:
@@ -306,11 +291,11 @@ def run_merge(
                 writers.append(writer)
                 for target in shard.tensors:
                     if target.dtype not in FLOATING:
-                        _copy_exact(plan, target, writer, tick)
+                        _copy_exact(ctx, target, writer)
                     elif plan.spec.method is Method.slerp:
-                        _merge_slerp(plan, target, writer, tick)
+                        _merge_slerp(ctx, target, writer)
                     else:
-                        _merge_average(plan, target, writer, tick, buffers)
+                        _merge_average(ctx, target, writer)
             record = _record(plan, hashing.result())
             final = shard_metadata(record)
             for writer in writers:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 
 from merger.dtypes import itemsize
@@ -58,6 +60,7 @@ class TensorInfo:
     dtype: str  # safetensors spelling, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
+    offset: int  # absolute byte offset of the data in `file`
 
     @property
     def numel(self) -> int:
@@ -103,18 +106,68 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensors of one .safetensors file (header only, no tensor data read)."""
+    """The tensors of one .safetensors file (header only, no tensor data read).
+
+    safetensors validates the file (offsets contiguous and in bounds); the data offsets, which
+    its API does not expose, come from the same JSON header and are cross-checked against it.
+    """
     try:
         with safe_open(str(path), framework="pt") as fh:
-            out = {}
-            for name in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                sl = fh.get_slice(name)
-                out[name] = TensorInfo(name, sl.get_dtype(), tuple(sl.get_shape()), path)
-            return out
-    except MergeError:
-        raise
+            validated = {
+                name: (fh.get_slice(name).get_dtype(), tuple(fh.get_slice(name).get_shape()))
+                for name in fh.keys()  # noqa: SIM118 - safe_open is not a Mapping
+            }
+        with path.open("rb") as raw:
+            size = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(size))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise MergeError(f"{path}: not a readable safetensors file ({exc})") from exc
+    out = {}
+    for name, (dtype, shape) in validated.items():
+        entry = header[name]
+        if entry["dtype"] != dtype or tuple(entry["shape"]) != shape:
+            raise MergeError(f"{path}: header of tensor {name} is inconsistent")
+        out[name] = TensorInfo(name, dtype, shape, path, 8 + size + entry["data_offsets"][0])
+    return out
+
+
+class TensorReader:
+    """Reads tensor rows with pread into caller-owned buffers; one descriptor per file.
+
+    Unlike safe_open's memory map, nothing stays resident in this process after a read (peak
+    memory stays flat in M and model size) and no page faults are taken per chunk, which on
+    the measured machine made pread into a reused buffer about 2x faster than the mapping.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None, out: torch.Tensor) -> None:
+        """Fill `out` (contiguous, info's dtype) with rows [start, stop) of the tensor, or all."""
+        row_bytes = info.numel // info.shape[0] * itemsize(info.dtype) if info.shape else 0
+        start = info.offset + (rows[0] * row_bytes if rows is not None else 0)
+        view = out.view(torch.uint8).numpy().data
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        done = 0
+        while done < view.nbytes:
+            n = os.preadv(fd, [view[done:]], start + done)
+            if n == 0:
+                raise MergeError(f"{info.file}: truncated inside tensor {info.name}")
+            done += n
+
+    def close(self) -> None:
+        """Close every descriptor."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _refuse_pickle(path: Path) -> None:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from merger.build import plan_merge, run_merge
 from merger.config import MergeSpec
+from merger.formatting import render
 from merger.manifest import verify_artifact
 
 CACHE = Path(os.environ.get("WARM_DEMO_DIR", ".cache/demo"))
@@ -66,9 +67,8 @@ def score(model_dir: Path) -> list[float]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    batch = tokenizer(
-        [p for p, _ in TEXTS], [r for _, r in TEXTS], padding=True, return_tensors="pt"
-    )
+    texts = [render(tokenizer, prompt=p, response=r) for p, r in TEXTS]
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         return [float(x) for x in model(**batch).logits[:, 0]]
 

@@ -10,6 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
+# Every merge sums in fp64: the weighted sum of fp32/bf16/fp16 inputs with small integer
+# weights is then exact (short of a 2^29 magnitude spread), and one final rounding gives the
+# correctly rounded result. fp32 accumulation is measurably off: see tests/test_methods.py.
+ACC_DTYPE = torch.float64
+
 # Below this angle (radians) or norm, SLERP falls back to linear interpolation: sin(omega)
 # is too small to divide by and the two directions are the same anyway.
 _SLERP_EPS = 1e-6
@@ -41,6 +46,44 @@ def liti_weights(weights: Sequence[float], eta: float) -> tuple[float, tuple[flo
     """(init weight, member weights) of (1 - eta) * init + eta * mean_w(x), same total."""
     total = math.fsum(weights)
     return (1.0 - eta) * total, tuple(eta * w for w in weights)
+
+
+# (mask, pattern) of the fp32 bits that a 16-bit format drops, when they make an exact tie.
+_TIE_BITS = {torch.bfloat16: (0xFFFF, 0x8000), torch.float16: (0x1FFF, 0x1000)}
+_FP16_MIN_NORMAL = 2.0**-14  # below it fp16 drops more than 13 bits of an fp32
+
+
+def _round_via_odd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Round fp64 -> fp32 *to odd* (truncate, set the last bit when inexact): the second
+    # rounding to a format at least 2 bits narrower is then the correctly rounded one.
+    r = x.to(torch.float32)
+    back = r.to(torch.float64)
+    inexact = (back != x) & ~torch.isnan(x)
+    away = inexact & (back.abs() > x.abs())
+    bits = r.view(torch.int32) - away.to(torch.int32)  # sign-magnitude: one ulp toward 0
+    bits |= inexact.to(torch.int32)
+    return bits.view(torch.float32).to(dtype)
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Correctly rounded (nearest-even) cast of an fp64 tensor to `dtype`.
+
+    torch casts fp64 to bf16/fp16 through fp32, rounding twice: wrong exactly when the fp32
+    value lands on a 16-bit tie it did not start on. Those elements (about 2^-16 of them,
+    plus fp16's subnormal range) are found by their fp32 bits and re-rounded via round-to-odd.
+    """
+    if dtype not in _TIE_BITS:
+        return x.to(dtype)
+    r = x.to(torch.float32)
+    out = r.to(dtype)
+    mask, tie = _TIE_BITS[dtype]
+    suspect = (r.view(torch.int32) & mask) == tie
+    if dtype is torch.float16:
+        suspect |= r.abs() < _FP16_MIN_NORMAL
+    idx = suspect.nonzero(as_tuple=True)
+    if idx[0].numel():
+        out[idx] = _round_via_odd(x[idx], dtype)
+    return out
 
 
 def slerp_pair(d1: torch.Tensor, d2: torch.Tensor, t: float) -> torch.Tensor:

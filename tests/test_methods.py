@@ -8,9 +8,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from merger.dtypes import accumulator_for
 from merger.methods import (
+    ACC_DTYPE,
     liti_weights,
+    round_to,
     slerp_merge,
     slerp_pair,
     slerp_task_vectors,
@@ -42,15 +43,38 @@ def test_fp64_accumulation_gives_the_correctly_rounded_fp32_mean() -> None:
     xs = [torch.tensor([v], dtype=torch.float32) for v in values]
     w = [1.0, 1.0, 1.0]
     in_fp32 = weighted_average(xs, w, torch.float32).item()
-    in_fp64 = weighted_average(xs, w, accumulator_for("F32")).to(torch.float32).item()
+    in_fp64 = weighted_average(xs, w, ACC_DTYPE).to(torch.float32).item()
     assert in_fp32 != expected
     assert in_fp64 == expected == float.fromhex("0x1.aa4564p-3")
 
 
-def test_accumulator_policy() -> None:
-    assert accumulator_for("F32") is torch.float64
-    assert accumulator_for("BF16") is torch.float32
-    assert accumulator_for("F16") is torch.float32
+def test_round_to_avoids_double_rounding_through_fp32() -> None:
+    # bf16 spacing at 1 is 2^-7; 1 + 2^-8 is the midpoint. Just above it the correct result
+    # is 1 + 2^-7, but fp64 -> fp32 lands exactly on the midpoint and ties-to-even gives 1.
+    above = torch.tensor([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30)], dtype=torch.float64)
+    assert above.to(torch.bfloat16).tolist() == [1.0, -1.0]  # torch's cast rounds twice
+    assert round_to(above, torch.bfloat16).tolist() == [1 + 2**-7, -(1 + 2**-7)]
+    below = torch.tensor([1 + 2**-8 - 2**-30], dtype=torch.float64)
+    assert round_to(below, torch.bfloat16).tolist() == [1.0]
+    tie = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8], dtype=torch.float64)  # ties go to even
+    assert round_to(tie, torch.bfloat16).tolist() == [1.0, 1 + 2 * 2**-7]
+    # fp16: spacing 2^-10 at 1.
+    half = torch.tensor([1 + 2**-11 + 2**-40], dtype=torch.float64)
+    assert round_to(half, torch.float16).tolist() == [1 + 2**-10]
+
+
+def test_round_to_special_values() -> None:
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-300, -1e-300, 1e39])
+    out = round_to(x.double(), torch.bfloat16)
+    assert out[:4].tolist() == [0.0, -0.0, float("inf"), float("-inf")]
+    assert str(out[1].item()) == "-0.0"
+    assert out[4:6].tolist() == [0.0, -0.0]  # underflow keeps its sign
+    assert out[6].item() == float("inf")  # overflow
+    assert torch.isnan(
+        round_to(torch.tensor([float("nan")], dtype=torch.float64), torch.bfloat16)
+    ).all()
+    exact = torch.tensor([0.5, -3.25], dtype=torch.float64)
+    assert round_to(exact, torch.float32).tolist() == [0.5, -3.25]
 
 
 def test_liti_weights() -> None:
