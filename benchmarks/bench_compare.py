@@ -24,7 +24,7 @@ class Comparison:
     worst_tensor: str = ""
     elements_over_1ulp: int = 0
     elements: int = 0
-    ours_vs_exact_ulp: int = 0  # vs the fp64 average rounded once to the output dtype
+    ours_vs_exact_ulp: int = 0  # vs the fp64 average, correctly rounded to the dtype
     reference_vs_exact_ulp: int = 0
     missing_in_reference: list[str] = field(default_factory=list)  # the reference skipped
     extra_in_reference: list[str] = field(default_factory=list)
@@ -75,7 +75,23 @@ def _exact_mean(members: list[dict[str, Path]], name: str, dtype: torch.dtype) -
         t = _load(files, name).to(torch.float64)
         acc = t if acc is None else acc.add_(t)
     assert acc is not None
-    return acc.div_(len(members)).to(dtype)
+    return round_once(acc.div_(len(members)), dtype)
+
+
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp64 x rounded to nearest (ties to even) in dtype; torch's cast to bf16 and fp16
+    goes through fp32 and can round twice, so its neighbours are checked too."""
+    best = x.to(dtype)
+    if dtype == torch.float32:
+        return best
+    err = (best.to(torch.float64) - x).abs()
+    for target in (float("inf"), float("-inf")):
+        cand = torch.nextafter(best, torch.full_like(best, target))
+        cand_err = (cand.to(torch.float64) - x).abs()
+        even = cand.view(_INT_VIEW[dtype]) % 2 == 0
+        better = (cand_err < err) | ((cand_err == err) & even)
+        best, err = torch.where(better, cand, best), torch.where(better, cand_err, err)
+    return best
 
 
 def compare_dirs(ours: Path, reference: Path, members: list[Path]) -> Comparison:

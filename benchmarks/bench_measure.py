@@ -3,11 +3,15 @@
 Wall time is taken until the output is durable: the child's own wall time plus an fsync
 of every file it wrote (the I/O floor fsyncs itself, so every tool pays for the flush).
 Peak RSS is the child's ru_maxrss from os.wait4 (KiB on Linux; it counts file pages the
-child maps, e.g. safetensors mmaps, as well as anonymous memory).
+child maps, e.g. safetensors mmaps, as well as anonymous memory). Linux folds the RSS of
+the pre-exec process image into ru_maxrss, and a fork (or vfork) of this benchmark, which
+holds torch and whole tensors, would start at its size: so every command is started and
+waited for by a small launcher interpreter (python -I -S, about 10 MB), not from here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +40,19 @@ while left:
     left -= os.write(fd, block[: min(left, CHUNK)])
 os.fsync(fd)
 os.close(fd)
+"""
+
+# Starts argv, waits with wait4, prints {"rc", "wall_s", "maxrss_kib"} as JSON.
+LAUNCHER_CODE = """
+import json, os, subprocess, sys, time
+log, *argv = sys.argv[1:]
+with open(log, "w") as f:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+rc = os.waitstatus_to_exitcode(status)
+print(json.dumps({"rc": rc, "wall_s": wall, "maxrss_kib": usage.ru_maxrss}))
 """
 
 
@@ -124,18 +141,17 @@ def run_child(
 ) -> ChildRun:
     """Run argv to completion; wall time (plus fsync of output) and its peak RSS."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as log_f:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=log_f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode == 0 and output is not None and output.exists():
-            fsync_tree(output)
-        wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER_CODE, str(log), *argv]
+    res = subprocess.run(launcher, env=env, capture_output=True, text=True, check=True)
+    report = json.loads(res.stdout)
+    if report["rc"] != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise ChildFailed(f"{' '.join(argv)} exited {proc.returncode}; log {log}:\n{tail}")
-    return ChildRun(wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024)
+        raise ChildFailed(f"{' '.join(argv)} exited {report['rc']}; log {log}:\n{tail}")
+    t0 = time.perf_counter()
+    if output is not None and output.exists():
+        fsync_tree(output)
+    wall = report["wall_s"] + time.perf_counter() - t0
+    return ChildRun(wall_s=wall, peak_rss_mb=report["maxrss_kib"] / 1024)
 
 
 def run_floor(inputs: Sequence[Path], out_file: Path, size: int, log: Path) -> ChildRun:

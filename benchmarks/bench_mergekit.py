@@ -50,7 +50,7 @@ def write_linear_config(
     return path
 
 
-def merge_argv(bin_dir: Path, config: Path, out: Path) -> list[str]:
+def merge_argv(bin_dir: Path, config: Path, out: Path, copy_tokenizer: bool) -> list[str]:
     """The mergekit-yaml command line: CPU only, as lean in memory as 0.1.5 offers."""
     return [
         str(bin_dir / "mergekit-yaml"),
@@ -60,4 +60,6 @@ def merge_argv(bin_dir: Path, config: Path, out: Path) -> list[str]:
         "--lazy-unpickle",  # only affects pickled .bin inputs; harmless on safetensors
         "--no-cuda",
         "--quiet",
+        # Without tokenizer files mergekit still tries (and logs a traceback): skip it there.
+        "--copy-tokenizer" if copy_tokenizer else "--no-copy-tokenizer",
     ]

@@ -14,16 +14,17 @@ the script measures
   1. the I/O floor: a child that reads every input safetensors file once (8 MB reads)
      and writes and fsyncs an output of the merged size;
   2. `warm-merge build` (uniform average): wall time, and peak RSS above the baseline of
-     a child that only runs `import merger.cli`;
+     a child that only imports what a merge runs on (`import merger.build`: torch, safetensors);
   3. mergekit 0.1.5 `linear` merge (own virtualenv in benchmarks/.envs/mergekit), with
      dtype = out_dtype = the inputs' dtype: wall time, peak RSS above `import mergekit.merge`.
 Wall time runs until the output is durable (child wall + fsync of what it wrote; the
-floor fsyncs itself). Peak RSS is ru_maxrss from os.wait4. With --repeats N the three
-commands run interleaved N times and the medians are reported.
+floor fsyncs itself). Peak RSS is ru_maxrss from os.wait4, taken by a small launcher
+process (see bench_measure.py for why). With --repeats N the three commands run
+interleaved N times and the medians are reported.
 Then 4. equality: our output against mergekit's `dtype: float32` linear merge, tensor by
-tensor, in ulps of the output dtype (and both against the exact fp64 average), listing any
-tensor mergekit skipped or shaped differently; and 5. our peak extra RSS on A at M = 2, 4, 6
-and on B, to show whether memory stays flat in M and in model size.
+tensor, in ulps of the output dtype (and both against the fp64 average rounded once),
+listing any tensor mergekit skipped or shaped differently; and 5. our peak extra RSS on A
+at M = 2, 4, 6 and on B, to show whether memory stays flat in M and in model size.
 
 The tables are printed and appended, with the date, command and machine, to
 benchmarks/RESULTS.md.
@@ -32,7 +33,6 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import os
 import platform
@@ -41,11 +41,10 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import bench_mergekit as mergekit
-from bench_compare import Comparison, compare_dirs
+from bench_compare import compare_dirs
 from bench_measure import (
     ChildRun,
     baseline_rss_mb,
@@ -58,63 +57,26 @@ from bench_measure import (
     total_bytes,
     warm_cache,
 )
+from bench_report import (
+    Baselines,
+    Results,
+    Row,
+    ScanPoint,
+    append_results,
+    machine_description,
+    render,
+)
 from bench_workloads import LLAMA_FULL, LLAMA_QUICK, Workload, llama_workload, minilm_workload
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 WORK = BENCH_DIR / ".work"
+LOGS = WORK / "logs"
 RESULTS = BENCH_DIR / "RESULTS.md"
 OUR_PYTHON = REPO / ".venv" / "bin" / "python"
 WARM_MERGE = REPO / ".venv" / "bin" / "warm-merge"
-GB = 1e9
 MB = 1 << 20
-
-# Targets for the merger, printed next to the figures.
-MAX_FLOOR_RATIO = 1.25
-MAX_EXTRA_RSS_MB = 256.0
-MAX_RSS_SPREAD_MB = 64.0  # "flat": peak extra RSS varies by at most this across M and size
-MIN_SPEEDUP = 2.0
-MAX_RSS_RATIO = 1 / 3
-MAX_ULP = 1
-
-RESULTS_HEADER = """# Merge benchmark results
-
-Appended by `benchmarks/merge_bench.py` (its docstring says what is measured and how).
-Compare ratios within one section; absolute times vary between runs on a shared machine.
-"""
-
-
-@dataclass(frozen=True)
-class Baselines:
-    """Peak RSS and wall time of children that only import each tool."""
-
-    ours: ChildRun
-    mergekit: ChildRun
-
-
-@dataclass(frozen=True)
-class Row:
-    """One workload in one cache state: medians over the repeats."""
-
-    workload: Workload
-    cache: str
-    input_bytes: int
-    output_bytes: int
-    floor: ChildRun
-    ours: ChildRun
-    mergekit: ChildRun
-    baselines: Baselines
-    max_ulp: int | None = None
-
-    @property
-    def ours_extra_mb(self) -> float:
-        """Our peak RSS above the import-only baseline."""
-        return self.ours.peak_rss_mb - self.baselines.ours.peak_rss_mb
-
-    @property
-    def mergekit_extra_mb(self) -> float:
-        """mergekit's peak RSS above its import-only baseline."""
-        return self.mergekit.peak_rss_mb - self.baselines.mergekit.peak_rss_mb
+CACHE_STATES = ("warm", "cold")
 
 
 def child_env() -> dict[str, str]:
@@ -153,7 +115,9 @@ def run_mergekit(mk_bin: Path, wl: Workload, out: Path, log: Path, compute_dtype
     cfg = mergekit.write_linear_config(
         out.with_suffix(".yml"), wl.members, compute_dtype, wl.dtype, [1.0] * wl.m
     )
-    return run_child(mergekit.merge_argv(mk_bin, cfg, out), log, child_env(), output=out)
+    copy_tokenizer = (wl.members[0] / "tokenizer_config.json").exists()
+    argv = mergekit.merge_argv(mk_bin, cfg, out, copy_tokenizer)
+    return run_child(argv, log, child_env(), output=out)
 
 
 def median_run(runs: Sequence[ChildRun]) -> ChildRun:
@@ -168,12 +132,10 @@ def measure(
     wl: Workload, cache: str, repeats: int, mk_bin: Path, baselines: Baselines, out_root: Path
 ) -> Row:
     """Floor, ours and mergekit, interleaved `repeats` times in one cache state."""
-    inputs = input_files(wl)
-    weights = weight_files(wl)
+    inputs, weights = input_files(wl), weight_files(wl)
     merged_size = total_bytes(safetensors_files(wl.members[0]))
     floor_out, ours_out, mk_out = out_root / "floor.bin", out_root / "ours", out_root / "mk"
-    outputs = [floor_out, ours_out, mk_out]
-    logs = WORK / "logs" / f"{wl.name}-m{wl.m}-{cache}"
+    logs = LOGS / f"{wl.name}-m{wl.m}-{cache}"
     commands: dict[str, Callable[[], ChildRun]] = {
         "floor": lambda: run_floor(weights, floor_out, merged_size, logs / "floor.log"),
         "ours": lambda: run_ours(wl, ours_out, logs / "ours.log"),
@@ -182,9 +144,14 @@ def measure(
     runs: dict[str, list[ChildRun]] = {k: [] for k in commands}
     for _ in range(repeats):
         for name, command in commands.items():
-            prepare_cache(cache, inputs, outputs)
-            runs[name].append(command())
-            print(f"  {wl.name} M={wl.m} {cache:4} {name:8} {runs[name][-1]}", flush=True)
+            prepare_cache(cache, inputs, [floor_out, ours_out, mk_out])
+            run = command()
+            runs[name].append(run)
+            print(
+                f"  {wl.name} M={wl.m} {cache:4} {name:8} {run.wall_s:7.2f} s "
+                f"{run.peak_rss_mb:7.0f} MB peak RSS",
+                flush=True,
+            )
     return Row(
         workload=wl,
         cache=cache,
@@ -210,194 +177,59 @@ def check_cold_drop(wl: Workload) -> str:
     )
 
 
-def equality(wl: Workload, mk_bin: Path, out_root: Path) -> Comparison:
-    """Our output vs mergekit's fp32 linear merge (reusing the timed run when inputs are fp32)."""
-    ref = out_root / "mk"
+def bench_workload(wl: Workload, repeats: int, mk_bin: Path, res: Results) -> None:
+    """Both cache states, then the equality check against mergekit's fp32 merge."""
+    out_root = WORK / "out" / wl.name
+    res.notes.append(check_cold_drop(wl))
+    for cache in CACHE_STATES:
+        res.rows.append(measure(wl, cache, repeats, mk_bin, res.baselines, out_root))
+    ref = out_root / "mk"  # the timed run already computed in fp32 when the inputs are fp32
     if wl.dtype != "float32":
         ref = out_root / "mk-fp32"
-        run_mergekit(mk_bin, wl, ref, WORK / "logs" / f"{wl.name}-mk-fp32.log", "float32")
-    return compare_dirs(out_root / "ours", ref, list(wl.members))
+        run_mergekit(mk_bin, wl, ref, LOGS / f"{wl.name}-mk-fp32.log", "float32")
+    res.comparisons[wl.name] = compare_dirs(out_root / "ours", ref, list(wl.members))
+    shutil.rmtree(out_root)
 
 
-def rss_scan(wl: Workload, ms: Sequence[int], baselines: Baselines) -> list[tuple[int, ChildRun]]:
+def rss_scan(wl: Workload, ms: Sequence[int], baselines: Baselines) -> list[ScanPoint]:
     """Our peak RSS on the first m members of wl, warm cache, for each m."""
-    out = []
+    points = []
+    out = WORK / "out" / "scan"
     for m in ms:
         sub = wl.subset(m)
         warm_cache(input_files(sub))
-        run = run_ours(sub, WORK / "out" / "scan", WORK / "logs" / f"scan-{wl.name}-m{m}.log")
-        print(f"  scan {wl.name} M={m} {run}", flush=True)
-        out.append((m, run))
-    shutil.rmtree(WORK / "out" / "scan", ignore_errors=True)
-    return out
-
-
-# ---------------------------------------------------------------------------- report
-
-
-def machine_description() -> str:
-    """Cores, RAM and CPU model of this machine, plus software versions."""
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )
-    flags = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f" {f}" in flags)
-    meminfo = Path("/proc/meminfo").read_text().split()
-    ram_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / (1 << 20)
-    return f"{os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, {model} ({isa}), {platform.platform()}"
+        run = run_ours(sub, out, LOGS / f"scan-{wl.name}-m{m}.log")
+        extra = run.peak_rss_mb - baselines.ours.peak_rss_mb
+        print(f"  scan {wl.name} M={m} {run.wall_s:7.2f} s {extra:7.0f} MB extra", flush=True)
+        points.append(ScanPoint(wl.name, m, total_bytes(weight_files(sub)), run, extra))
+    shutil.rmtree(out, ignore_errors=True)
+    return points
 
 
 def software_versions(mk_bin: Path) -> str:
-    """Python, torch and tool versions, and the repo's commit."""
+    """Python, torch and mergekit versions, and the repo's commit."""
     import torch
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    mk = subprocess.run(
+    def out(argv: list[str]) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = out(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    mk = out(
         [
             str(mk_bin / "python"),
             "-c",
             "import importlib.metadata as m; print(m.version('mergekit'))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+        ]
+    )
     return (
         f"Python {platform.python_version()}, torch {torch.__version__}, mergekit {mk}, "
         f"repo commit {commit or 'none yet'}"
     )
 
 
-COLUMNS = (
-    "workload",
-    "M",
-    "input GB",
-    "output GB",
-    "cache",
-    "I/O floor s",
-    "warm-merge s",
-    "ratio to floor",
-    "warm-merge peak extra RSS MB",
-    "mergekit s",
-    "mergekit peak extra RSS MB",
-    "speedup vs mergekit",
-    "RSS ratio",
-    "max ulp diff vs mergekit fp32",
-)
-
-
-def table_row(r: Row) -> list[str]:
-    """One markdown table row."""
-    return [
-        r.workload.name,
-        str(r.workload.m),
-        f"{r.input_bytes / GB:.2f}",
-        f"{r.output_bytes / GB:.3f}",
-        r.cache,
-        f"{r.floor.wall_s:.2f}",
-        f"{r.ours.wall_s:.2f}",
-        f"{r.ours.wall_s / r.floor.wall_s:.2f}",
-        f"{r.ours_extra_mb:.0f}",
-        f"{r.mergekit.wall_s:.2f}",
-        f"{r.mergekit_extra_mb:.0f}",
-        f"{r.mergekit.wall_s / r.ours.wall_s:.2f}",
-        f"{r.ours_extra_mb / r.mergekit_extra_mb:.2f}",
-        "-" if r.max_ulp is None else str(r.max_ulp),
-    ]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def rss_table(scan: Sequence[tuple[Workload, int, ChildRun]], baseline_mb: float) -> str:
-    """Our peak extra RSS against M and model size."""
-    rows = [
-        [
-            wl.name,
-            str(m),
-            f"{total_bytes(weight_files(wl.subset(m))) / GB:.2f}",
-            f"{run.wall_s:.2f}",
-            f"{run.peak_rss_mb - baseline_mb:.0f}",
-        ]
-        for wl, m, run in scan
-    ]
-    header = ["workload", "M", "input GB", "warm-merge s", "warm-merge peak extra RSS MB"]
-    return markdown_table(header, rows)
-
-
-def verdict(ok: bool) -> str:
-    """PASS or FAIL."""
-    return "PASS" if ok else "FAIL"
-
-
-def targets(rows: Sequence[Row], scan_extra_mb: Sequence[float]) -> list[str]:
-    """Each target with the measured figure and PASS/FAIL."""
-    worst_ratio = max(r.ours.wall_s / r.floor.wall_s for r in rows)
-    worst_extra = max([r.ours_extra_mb for r in rows] + list(scan_extra_mb))
-    spread = max(scan_extra_mb) - min(scan_extra_mb)
-    min_speedup = min(r.mergekit.wall_s / r.ours.wall_s for r in rows)
-    worst_rss_ratio = max(r.ours_extra_mb / r.mergekit_extra_mb for r in rows)
-    ulps = [r.max_ulp for r in rows if r.max_ulp is not None]
-    return [
-        f"wall <= {MAX_FLOOR_RATIO} x I/O floor: worst {worst_ratio:.2f} x "
-        f"-> {verdict(worst_ratio <= MAX_FLOOR_RATIO)}",
-        f"peak extra RSS <= {MAX_EXTRA_RSS_MB:.0f} MB: worst {worst_extra:.0f} MB "
-        f"-> {verdict(worst_extra <= MAX_EXTRA_RSS_MB)}",
-        f"peak extra RSS flat in M and size (spread <= {MAX_RSS_SPREAD_MB:.0f} MB): "
-        f"spread {spread:.0f} MB -> {verdict(spread <= MAX_RSS_SPREAD_MB)}",
-        f">= {MIN_SPEEDUP:.0f}x faster than mergekit: slowest {min_speedup:.2f}x "
-        f"-> {verdict(min_speedup >= MIN_SPEEDUP)}",
-        f"<= 1/3 of mergekit's peak extra RSS: worst {worst_rss_ratio:.2f} "
-        f"-> {verdict(worst_rss_ratio <= MAX_RSS_RATIO)}",
-        f"within {MAX_ULP} ulp of mergekit's fp32 linear merge: worst {max(ulps)} ulp "
-        f"-> {verdict(max(ulps) <= MAX_ULP)}",
-    ]
-
-
-def comparison_notes(wl: Workload, c: Comparison) -> str:
-    """What the equality check found, in one paragraph."""
-    parts = [
-        f"{wl.name}: {c.elements:,} elements; max {c.max_ulp} ulp vs mergekit fp32 "
-        f"(worst tensor {c.worst_tensor or '-'}), {c.elements_over_1ulp:,} elements > 1 ulp; "
-        f"vs the exact fp64 average rounded once: ours {c.ours_vs_exact_ulp} ulp, "
-        f"mergekit {c.reference_vs_exact_ulp} ulp"
-    ]
-    for label, names in (
-        ("skipped by mergekit", c.missing_in_reference),
-        ("only in mergekit's output", c.extra_in_reference),
-        ("shape differs", c.shape_mismatch),
-        ("dtype differs", c.dtype_mismatch),
-        ("integer tensor differs", c.integer_mismatch),
-    ):
-        parts.append(f"{label}: {', '.join(names) if names else 'none'}")
-    return "; ".join(parts)
-
-
-def append_results(text: str) -> None:
-    """Append one dated section to RESULTS.md, creating it with a header if missing."""
-    if not RESULTS.exists():
-        RESULTS.write_text(RESULTS_HEADER)
-    with RESULTS.open("a") as f:
-        f.write("\n" + text)
-
-
-# ------------------------------------------------------------------------------- main
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small workloads: a smoke test")
     p.add_argument("--repeats", type=int, default=None, help="runs per command (1 quick, 3 full)")
     return p.parse_args(argv)
@@ -418,53 +250,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     b_shape = LLAMA_QUICK if args.quick else LLAMA_FULL
     b = llama_workload(WORK / ("B-quick" if args.quick else "B"), 4, b_shape)
 
-    baselines = Baselines(
-        ours=baseline_rss_mb(OUR_PYTHON, "merger.cli", WORK / "logs" / "base-ours.log"),
-        mergekit=baseline_rss_mb(
-            mk_bin / "python", "mergekit.merge", WORK / "logs" / "base-mk.log"
-        ),
+    res = Results(
+        baselines=Baselines(
+            ours=baseline_rss_mb(OUR_PYTHON, "merger.build", LOGS / "base-ours.log"),
+            mergekit=baseline_rss_mb(mk_bin / "python", "mergekit.merge", LOGS / "base-mk.log"),
+        )
     )
-    rows: list[Row] = []
-    notes: list[str] = []
     for wl in (a, b):
-        out_root = WORK / "out" / wl.name
-        notes.append(check_cold_drop(wl))
-        wl_rows = [
-            measure(wl, cache, repeats, mk_bin, baselines, out_root) for cache in ("warm", "cold")
-        ]
-        comparison = equality(wl, mk_bin, out_root)
-        notes.append(comparison_notes(wl, comparison))
-        rows += [dataclasses.replace(r, max_ulp=comparison.max_ulp) for r in wl_rows]
-        shutil.rmtree(out_root)
+        bench_workload(wl, repeats, mk_bin, res)
+    res.scan = rss_scan(a, sorted({m for m in (2, 4, 6) if m < a.m} | {a.m}), res.baselines)
+    b_warm = next(r for r in res.rows if r.workload is b and r.cache == "warm")
+    res.scan.append(ScanPoint(b.name, b.m, b_warm.input_bytes, b_warm.ours, b_warm.ours_extra_mb))
 
-    a_ms = sorted({m for m in (2, 4, 6) if m < a.m} | {a.m})
-    scan = [(a, m, run) for m, run in rss_scan(a, a_ms, baselines)]
-    scan += [(b, b.m, r.ours) for r in rows if r.workload is b and r.cache == "warm"]
-    scan_extra = [run.peak_rss_mb - baselines.ours.peak_rss_mb for _, _, run in scan]
-
-    elapsed = dt.datetime.now(dt.timezone.utc) - started
-    command = " ".join(sys.orig_argv)
-    report = "\n\n".join(
-        [
-            f"## {started:%Y-%m-%d %H:%M} UTC{' (--quick)' if args.quick else ''}",
-            f"- Command: `{command}` (from {Path.cwd()}; took {elapsed.total_seconds():.0f} s)\n"
-            f"- Machine: {machine_description()}\n"
-            f"- Software: {software_versions(mk_bin)}\n"
-            f"- Repeats: {repeats} (medians); mergekit flags: "
-            f"`{' '.join(mergekit.merge_argv(Path('.'), Path('cfg.yml'), Path('OUT'))[1:])}`\n"
-            f"- Import-only baselines (peak RSS / wall): warm-merge "
-            f"{baselines.ours.peak_rss_mb:.0f} MB / {baselines.ours.wall_s:.2f} s, mergekit "
-            f"{baselines.mergekit.peak_rss_mb:.0f} MB / {baselines.mergekit.wall_s:.2f} s "
-            "(the wall times below include this start-up)",
-            markdown_table(COLUMNS, [table_row(r) for r in rows]),
-            "Peak extra RSS of warm-merge against M and model size (warm cache):",
-            rss_table(scan, baselines.ours.peak_rss_mb),
-            "Targets:\n" + "\n".join(f"- {t}" for t in targets(rows, scan_extra)),
-            "Notes:\n" + "\n".join(f"- {n}" for n in notes),
-        ]
+    elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    mk_flags = " ".join(mergekit.merge_argv(mk_bin, Path("cfg.yml"), Path("OUT"), True)[3:])
+    section = render(
+        res,
+        title=f"{started:%Y-%m-%d %H:%M} UTC{' (--quick)' if args.quick else ''}",
+        context=[
+            f"Command: `{' '.join(sys.orig_argv)}` (in {Path.cwd()}; took {elapsed:.0f} s)",
+            f"Machine: {machine_description()}",
+            f"Software: {software_versions(mk_bin)}",
+            f"Repeats: {repeats} (medians); mergekit-yaml flags: `{mk_flags}` "
+            "(`--no-copy-tokenizer` for inputs without tokenizer files)",
+        ],
     )
-    print("\n" + report)
-    append_results(report + "\n")
+    print("\n" + section)
+    append_results(RESULTS, section)
     print(f"\nappended to {RESULTS}")
 
 

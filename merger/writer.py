@@ -9,6 +9,7 @@ temporary directory beside the destination and renamed into place only when comp
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,10 +38,7 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of data."""
-        n = itemsize(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return itemsize(self.dtype) * math.prod(self.shape)
 
 
 @dataclass(frozen=True)
