@@ -40,7 +40,7 @@ from merger.manifest import (
     manifest_bytes,
     shard_metadata,
 )
-from merger.methods import ACC_DTYPE, accumulate, liti_weights, round_to, slerp_pair
+from merger.methods import ACC_DTYPE, accumulate, liti_weights, round_to, slerp_task_vectors
 from merger.writer import (
     INDEX_NAME,
     AtomicDirectory,
@@ -198,13 +198,9 @@ def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> N
     plan = ctx.plan
     assert plan.init is not None
     base = ctx.read_whole(plan.init.tensors[target.name]).to(ACC_DTYPE)
-    result: torch.Tensor | None = None
-    cumulative = 0.0
-    for ckpt, weight in plan.positive_members():
-        delta = ctx.read_whole(ckpt.tensors[target.name]).to(ACC_DTYPE) - base
-        cumulative += weight
-        result = delta if result is None else slerp_pair(result, delta, weight / cumulative)
-    assert result is not None
+    members = plan.positive_members()
+    deltas = (ctx.read_whole(m.tensors[target.name]).to(ACC_DTYPE) - base for m, _ in members)
+    result = slerp_task_vectors(deltas, [w for _, w in members])
     eta = 1.0 if plan.spec.liti is None else plan.spec.liti
     writer.write(target.name, round_to(base + eta * result, to_torch(target.dtype)))
 

@@ -6,7 +6,7 @@ No file, network or device I/O here. Shapes: every tensor argument has the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -106,19 +106,22 @@ def slerp_pair(d1: torch.Tensor, d2: torch.Tensor, t: float) -> torch.Tensor:
     return a * d1 + b * d2
 
 
-def slerp_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def slerp_task_vectors(deltas: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Iterative SLERP of M task vectors (WARP, appendix B.3), weighted.
 
     r_1 = d_1; r_i = slerp(r_{i-1}, d_i, w_i / (w_1 + ... + w_i)). With uniform weights
-    this is slerp(..., 1/i) at step i. Members with zero weight are skipped.
+    this is slerp(..., 1/i) at step i. Members with zero weight are skipped. `deltas` is
+    consumed lazily, so a caller can produce one task vector at a time.
     """
-    pairs = [(d, w) for d, w in zip(deltas, weights, strict=True) if w > 0]
-    if not pairs:
-        raise ValueError("slerp needs at least one member with a positive weight")
-    result, cumulative = pairs[0][0], pairs[0][1]
-    for delta, w in pairs[1:]:
+    result: torch.Tensor | None = None
+    cumulative = 0.0
+    for delta, w in zip(deltas, weights, strict=True):
+        if w <= 0:
+            continue
         cumulative += w
-        result = slerp_pair(result, delta, w / cumulative)
+        result = delta if result is None else slerp_pair(result, delta, w / cumulative)
+    if result is None:
+        raise ValueError("slerp needs at least one member with a positive weight")
     return result
 
 
