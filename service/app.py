@@ -1,0 +1,97 @@
+"""The app factory: routes, error envelope, middleware and the model's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service import __version__
+from service.api import api, probes
+from service.errors import TYPE_OF_STATUS, ErrorType, ServiceError, envelope
+from service.loader import LoadedModel
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestMetrics
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
+    """A reward service for `settings`; the model loads in the background (or is given)."""
+    metrics = Metrics()
+    state = ServiceState(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(state.load(model))
+        try:
+            yield
+        finally:
+            await loading
+            await state.close()
+
+    app = FastAPI(
+        title="warm-rm",
+        version=__version__,
+        summary="Reward-model scoring and best-of-N reranking for RLHF.",
+        lifespan=lifespan,
+    )
+    app.state.warm = state
+    app.include_router(api)
+    app.include_router(probes)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, endpoints=endpoints)
+    return app
+
+
+def _respond(request: Request, error: ServiceError) -> JSONResponse:
+    request.app.state.warm.metrics.errors.labels(error.type.value).inc()
+    return JSONResponse(
+        envelope(error.type, error.message), status_code=error.status, headers=error.headers()
+    )
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return _respond(request, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
+        ).lstrip(".")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "json_invalid":
+            where, message = "body", f"invalid JSON ({err.get('ctx', {}).get('error', message)})"
+        problems.append(f"{where or 'body'}: {message}")
+    return _respond(request, ServiceError(ErrorType.INVALID_REQUEST, "; ".join(problems)))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    kind = TYPE_OF_STATUS.get(exc.status_code, ErrorType.INTERNAL)
+    error = ServiceError(kind, str(exc.detail))
+    response = _respond(request, error)
+    response.status_code = exc.status_code
+    return response
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return _respond(request, ServiceError(ErrorType.INTERNAL, "internal error (see server log)"))

@@ -1,0 +1,33 @@
+"""The interface between the batcher and a model: token ids in, reward-head outputs out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is, as the API reports it."""
+
+    architecture: str
+    num_labels: int
+    dtype: str
+    device: str
+    max_length: int
+    backend: str
+
+
+class Backend(Protocol):
+    """A loaded reward model. `forward` is called from one worker thread only."""
+
+    info: ModelInfo
+
+    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Outputs of shape (len(sequences), num_labels), float64, in input order."""
+
+    def close(self) -> None:
+        """Release the model's memory."""

@@ -1,0 +1,322 @@
+"""Dynamic cross-request batching: an asyncio front, a scheduler and one model thread.
+
+Requests are admitted (or refused with 429) as a whole, then their items wait in one
+queue. The scheduler, on the event loop, keeps the next batch staged while the model thread
+runs the current one (`batching.form_batch` picks it), and re-forms the staged batch when
+new items could improve it, until the model thread takes it. Items whose request was
+cancelled (client gone, deadline passed) are dropped before compute. A failing forward pass
+fails the requests in that batch only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.backends.base import Backend
+from service.batching import BatchLimits, form_batch
+from service.errors import ErrorType, ServiceError
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request: its items' outputs fill `outputs` row by row."""
+
+    outputs: np.ndarray  # (n_items, num_labels)
+    remaining: int
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[np.ndarray]
+    done: bool = False
+    drop_reason: str = "cancelled"
+
+
+@dataclass(eq=False)
+class Work:
+    """One item of a job waiting for, or in, a forward pass."""
+
+    job: Job
+    index: int
+    ids: Sequence[int]
+    seq: int
+    admitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Admission bounds: requests and tokens in the system (admitted, not yet answered)."""
+
+    max_requests: int
+    max_tokens: int
+    max_wait_s: float = 0.0
+
+
+class Batcher:
+    """Owns the queue, the scheduler task and the model thread."""
+
+    def __init__(
+        self, backend: Backend, limits: BatchLimits, queue: QueueLimits, metrics: Metrics
+    ) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.queue = queue
+        self.metrics = metrics
+        self._pending: list[Work] = []
+        self._staged: list[Work] | None = None
+        self._busy = False
+        self._closing = False
+        self._cond = threading.Condition()
+        self._wake = asyncio.Event()
+        self._seq = 0
+        self._requests = 0
+        self._tokens = 0
+        self._tokens_per_s = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # The asyncio front -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the scheduler task and the model thread on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run_model, name="warm-model", daemon=True)
+        self._thread.start()
+        self._scheduler = asyncio.create_task(self._schedule(), name="warm-scheduler")
+
+    def submit(self, sequences: Sequence[Sequence[int]], deadline: float) -> Job:
+        """Admit one request's token sequences, or raise 429 (overloaded) / 422 (too big)."""
+        assert self._loop is not None, "Batcher.start() first"
+        if self._closing:
+            raise ServiceError(ErrorType.NOT_READY, "the service is shutting down", retry_after=1)
+        tokens = sum(len(s) for s in sequences)
+        if tokens > self.queue.max_tokens:
+            raise ServiceError(
+                ErrorType.INVALID_REQUEST,
+                f"the request has {tokens} tokens, more than the queue holds "
+                f"({self.queue.max_tokens}): split it",
+            )
+        if (
+            self._requests + 1 > self.queue.max_requests
+            or self._tokens + tokens > self.queue.max_tokens
+        ):
+            raise ServiceError(
+                ErrorType.OVERLOADED,
+                f"queue full ({self._requests} requests, {self._tokens} tokens waiting): "
+                "retry later",
+                retry_after=self.retry_after(),
+            )
+        job = Job(
+            outputs=np.zeros((len(sequences), self.backend.info.num_labels)),
+            remaining=len(sequences),
+            deadline=deadline,
+            future=self._loop.create_future(),
+        )
+        for index, ids in enumerate(sequences):
+            self._pending.append(Work(job, index, ids, self._seq))
+            self._seq += 1
+        self._requests += 1
+        self._tokens += tokens
+        self._wake.set()
+        self._publish()
+        return job
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """Give up on a job (client gone, deadline passed): its waiting items are dropped."""
+        if job.done:
+            return
+        job.drop_reason = reason
+        self._finish_job(job)
+        if not job.future.done():
+            job.future.cancel()
+
+    def retry_after(self) -> float:
+        """Seconds until the queued tokens are scored at the recent throughput."""
+        if self._tokens_per_s <= 0:
+            return 1.0
+        return max(1.0, self._tokens / self._tokens_per_s)
+
+    async def stop(self, timeout: float) -> None:
+        """Wait up to `timeout` for admitted work, fail what is left, stop the model thread."""
+        self._closing = True
+        end = time.monotonic() + timeout
+        while self._requests and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        with self._cond:
+            left = self._pending + (self._staged or [])
+            self._pending, self._staged = [], None
+            self._cond.notify_all()
+        for job in {w.job for w in left}:
+            self._fail(job, ServiceError(ErrorType.NOT_READY, "the service is shutting down"))
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+        self._publish()
+
+    # The scheduler (event loop) ----------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._restage()
+            self._publish()
+
+    def _restage(self) -> None:
+        with self._cond:
+            staged, self._staged = self._staged, None
+            if staged is not None and self._full(staged):
+                self._staged = staged  # nothing new can improve a full batch
+                return
+            busy = self._busy
+        if staged:
+            self._pending = sorted(staged + self._pending, key=lambda w: w.seq)
+        self._drop_stale()
+        if not self._pending:
+            return
+        chosen = form_batch([len(w.ids) for w in self._pending], self.limits)
+        batch = [self._pending[i] for i in chosen]
+        oldest_wait = time.monotonic() - self._pending[0].admitted
+        if not busy and not self._full(batch) and oldest_wait < self.queue.max_wait_s:
+            assert self._loop is not None
+            self._loop.call_later(self.queue.max_wait_s - oldest_wait, self._wake.set)
+            return
+        taken = set(chosen)
+        self._pending = [w for i, w in enumerate(self._pending) if i not in taken]
+        with self._cond:
+            self._staged = batch
+            self._cond.notify()
+
+    def _full(self, batch: list[Work]) -> bool:
+        longest = max(len(w.ids) for w in batch)
+        return (
+            len(batch) >= self.limits.max_batch_size
+            or longest * (len(batch) + 1) > self.limits.max_batch_tokens
+        )
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for work in self._pending:
+            if not work.job.done and now > work.job.deadline:
+                self._fail(
+                    work.job,
+                    ServiceError(ErrorType.DEADLINE_EXCEEDED, "deadline passed while queued"),
+                    reason="deadline",
+                )
+        stale = [w for w in self._pending if w.job.done]
+        if stale:
+            self._pending = [w for w in self._pending if not w.job.done]
+            self._drop(stale)
+
+    def _drop(self, works: list[Work]) -> None:
+        for work in works:
+            self._tokens -= len(work.ids)
+            self.metrics.dropped.labels(work.job.drop_reason).inc()
+
+    # The model thread --------------------------------------------------------------------
+
+    def _run_model(self) -> None:
+        assert self._loop is not None
+        while True:
+            with self._cond:
+                while self._staged is None and not self._closing:
+                    self._cond.wait()
+                if self._staged is None:
+                    return
+                batch, self._staged = self._staged, None
+                self._busy = True
+            self._loop.call_soon_threadsafe(self._wake.set)  # stage the next batch meanwhile
+            live = [w for w in batch if not w.job.done]
+            outputs: np.ndarray | None = None
+            error: Exception | None = None
+            started = time.monotonic()
+            if live:
+                try:
+                    outputs = self.backend.forward([w.ids for w in live])
+                except Exception as exc:  # the worker's boundary: fail this batch, keep serving
+                    log.exception("forward pass failed on a batch of %d items", len(live))
+                    error = exc
+            elapsed = time.monotonic() - started
+            with self._cond:
+                self._busy = False
+            self._loop.call_soon_threadsafe(
+                self._complete, batch, live, outputs, error, started, elapsed
+            )
+
+    # Back on the event loop --------------------------------------------------------------
+
+    def _complete(
+        self,
+        batch: list[Work],
+        live: list[Work],
+        outputs: np.ndarray | None,
+        error: Exception | None,
+        started: float,
+        elapsed: float,
+    ) -> None:
+        kept = {id(w) for w in live}
+        self._drop([w for w in batch if id(w) not in kept])
+        if not live:
+            return
+        real = sum(len(w.ids) for w in live)
+        self._tokens -= real
+        if error is not None or outputs is None:
+            failure = ServiceError(
+                ErrorType.BACKEND_ERROR,
+                f"the model failed on a batch with this request: {type(error).__name__}: {error}",
+            )
+            for job in {w.job for w in live}:
+                self._fail(job, failure)
+            return
+        padded = max(len(w.ids) for w in live) * len(live)
+        m = self.metrics
+        m.inference_latency.observe(elapsed)
+        m.batch_size.observe(len(live))
+        m.batch_tokens.observe(padded)
+        m.padding_ratio.observe(1 - real / padded)
+        m.items.inc(len(live))
+        m.tokens.inc(real)
+        if elapsed > 0:
+            rate = real / elapsed
+            self._tokens_per_s = (
+                rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+            )
+        for work, row in zip(live, outputs, strict=True):
+            m.queue_wait.observe(started - work.admitted)
+            job = work.job
+            if job.done:
+                continue
+            job.outputs[work.index] = row
+            job.remaining -= 1
+            if job.remaining == 0:
+                self._finish_job(job)
+                if not job.future.done():
+                    job.future.set_result(job.outputs)
+        self._publish()
+
+    def _fail(self, job: Job, error: ServiceError, reason: str = "failed") -> None:
+        if job.done:
+            return
+        job.drop_reason = reason
+        self._finish_job(job)
+        if not job.future.done():
+            job.future.set_exception(error)
+
+    def _finish_job(self, job: Job) -> None:
+        job.done = True
+        self._requests -= 1
+
+    def _publish(self) -> None:
+        m = self.metrics
+        m.queue_requests.set(self._requests)
+        m.queue_depth.set(len(self._pending) + len(self._staged or []))
+        m.queue_tokens.set(self._tokens)

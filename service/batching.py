@@ -1,0 +1,73 @@
+"""Pure batch forming: which waiting items go into the next forward pass.
+
+The cost of a forward pass is modelled as `overhead + padded tokens`, where padded tokens
+are (items x longest item) and `overhead` is the fixed cost of a pass expressed in tokens
+(measured at warm-up: large on a GPU, small on a CPU). Among the batches that contain the
+oldest waiting item (so nothing starves and waiting is first-come first-served) and fit the
+size and token limits, the one scoring the most real tokens per unit of cost is chosen.
+Candidates are runs of items of neighbouring lengths, so mixed-length traffic is grouped
+by length instead of padded to its longest item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What one forward pass may hold, and what it costs beyond its tokens."""
+
+    max_batch_size: int
+    max_batch_tokens: int
+    overhead_tokens: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.overhead_tokens < 0:
+            raise ValueError(f"invalid batch limits: {self}")
+
+
+def padded_tokens(lengths: Sequence[int]) -> int:
+    """Tokens a batch occupies once padded to its longest item."""
+    return max(lengths, default=0) * len(lengths)
+
+
+def efficiency(lengths: Sequence[int], overhead_tokens: float) -> float:
+    """Real tokens scored per unit of cost (`overhead_tokens + padded tokens`)."""
+    cost = overhead_tokens + padded_tokens(lengths)
+    return sum(lengths) / cost if cost else 0.0
+
+
+def form_batch(lengths: Sequence[int], limits: BatchLimits) -> list[int]:
+    """Indices of the next batch; `lengths` are waiting items' token counts, oldest first.
+
+    The oldest item (index 0) is always in the batch. The result is sorted by length, then
+    by age; an item longer than the token budget on its own goes alone. Ties in efficiency
+    go to the larger batch, then to the shorter items.
+    """
+    if not lengths:
+        return []
+    order = np.lexsort((np.arange(len(lengths)), np.asarray(lengths)))
+    sorted_lengths = np.asarray(lengths, dtype=np.float64)[order]
+    prefix = np.concatenate(([0.0], np.cumsum(sorted_lengths)))
+    anchor = int(np.flatnonzero(order == 0)[0])
+    size = limits.max_batch_size
+    # Candidate windows [start, stop) of the length-sorted items that contain the anchor.
+    starts = np.arange(max(0, anchor - size + 1), anchor + 1)[:, None]
+    stops = np.arange(anchor + 1, min(len(lengths), anchor + size) + 1)[None, :]
+    count = stops - starts
+    padded = sorted_lengths[stops - 1] * count
+    valid = (count <= size) & (padded <= limits.max_batch_tokens)
+    if not valid.any():
+        return [0]
+    score = np.where(
+        valid, (prefix[stops] - prefix[starts]) / (limits.overhead_tokens + padded), -1
+    )
+    best = score >= score.max() * (1 - 1e-12)
+    count_of_best = np.where(best, count, 0)
+    row, col = np.unravel_index(int(np.argmax(count_of_best == count_of_best.max())), score.shape)
+    start, stop = int(starts[row, 0]), int(stops[0, col])
+    return [int(i) for i in order[start:stop]]

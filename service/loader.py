@@ -1,0 +1,173 @@
+"""Model directory -> a loaded backend, its encoder and its identity (id, fingerprint, manifest).
+
+Also the warm-up, which measures the fixed cost of a forward pass for batch forming.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from merger.checkpoints import TOKENIZER_FILES, sha256_file
+from merger.errors import VerifyError
+from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
+from service.backends.base import Backend
+from service.backends.transformers import TransformersBackend
+from service.encoding import Encoder
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NO_MODEL = (
+    "no model given: pass --model DIR (or set WARM_MODEL) to a WARM artifact made by "
+    "`warm-merge build` or to a Hugging Face *ForSequenceClassification directory; "
+    "`make demo` builds one in .cache/demo/warm"
+)
+CALIBRATION_LENGTH = 64
+CALIBRATION_BATCH = 8
+
+
+class LoadError(Exception):
+    """The model directory cannot be served; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything the API needs to know about and do with the served model."""
+
+    model_id: str
+    fingerprint: str
+    manifest: dict[str, Any] | None
+    backend: Backend
+    encoder: Encoder
+    overhead_tokens: float
+
+
+def check_model_dir(model: Path | None) -> Path:
+    """The model directory, or a LoadError saying what is wrong with it."""
+    if model is None:
+        raise LoadError(NO_MODEL)
+    if not model.is_dir():
+        raise LoadError(f"{model}: not a directory")
+    if not (model / "config.json").is_file():
+        raise LoadError(f"{model}: no config.json (expected a Hugging Face model directory)")
+    if not any(model.glob("*.safetensors")):
+        raise LoadError(
+            f"{model}: no *.safetensors weights (pickled checkpoints are never loaded; "
+            "convert with save_pretrained(..., safe_serialization=True))"
+        )
+    return model
+
+
+def identity(model_dir: Path) -> tuple[str, dict[str, Any] | None]:
+    """The fingerprint and merge record of a WARM artifact, or a fingerprint of the files."""
+    if (model_dir / MANIFEST_NAME).is_file():
+        try:
+            manifest = read_manifest(model_dir)
+        except VerifyError as error:
+            raise LoadError(str(error)) from error
+        return manifest.fingerprint, manifest.merge.model_dump(mode="json")
+    names = ["config.json", *TOKENIZER_FILES, "model.safetensors.index.json"]
+    files = [model_dir / n for n in names if (model_dir / n).is_file()]
+    files += sorted(model_dir.glob("*.safetensors"))
+    return compute_fingerprint({f.name: sha256_file(f) for f in files}), None
+
+
+def model_limit(tokenizer: Any, config: Any) -> int | None:
+    """The longest input the model takes, from its config or tokenizer (None if unknown)."""
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    limits.append(tokenizer.model_max_length)
+    known = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(known) if known else None
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load, check and warm up the model the settings name (blocking; call from a thread)."""
+    model_dir = check_model_dir(settings.model)
+    hf_logging.disable_progress_bar()
+    code = settings.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=code)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=code)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"{model_dir}: cannot load config or tokenizer: {error}") from error
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise LoadError(
+            f"{model_dir}: architecture {architectures} is not a *ForSequenceClassification "
+            "reward model"
+        )
+    if settings.reward_index >= config.num_labels:
+        raise LoadError(
+            f"reward_index {settings.reward_index} but the model has {config.num_labels} outputs"
+        )
+    limit = model_limit(tokenizer, config)
+    max_length = settings.max_length or limit or 512
+    if limit is not None and max_length > limit:
+        raise LoadError(f"max_length {max_length} exceeds the model's limit of {limit} tokens")
+    max_length = min(max_length, settings.max_batch_tokens)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise LoadError(f"{model_dir}: neither tokenizer nor config defines a pad or EOS token")
+    fingerprint, manifest = identity(model_dir)
+    backend = TransformersBackend(
+        model_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_length=max_length,
+        pad_token_id=int(pad),
+        trust_remote_code=code,
+    )
+    encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
+    overhead = settings.batch_overhead_tokens
+    if settings.warmup or overhead is None:
+        measured = warm_up(backend, encoder, settings.max_batch_size)
+        overhead = measured if overhead is None else overhead
+    return LoadedModel(
+        model_id=settings.model_id or model_dir.resolve().name,
+        fingerprint=fingerprint,
+        manifest=manifest,
+        backend=backend,
+        encoder=encoder,
+        overhead_tokens=overhead,
+    )
+
+
+def warm_up(backend: Backend, encoder: Encoder, max_batch_size: int) -> float:
+    """Run warm-up forwards; return the fixed cost of a forward pass in padded tokens.
+
+    Fits time = c0 + c1 * padded_tokens on a 1-item and a multi-item batch (best of 3
+    each) and returns c0 / c1.
+    """
+    text = " ".join(["warm"] * (4 * CALIBRATION_LENGTH))
+    length = min(CALIBRATION_LENGTH, encoder.max_length)
+    ids = encoder.encode_texts([text], "right")[0].ids[:length]
+    many = min(CALIBRATION_BATCH, max_batch_size)
+    backend.forward([ids, ids[: max(1, length // 2)]])  # first call: lazy init, allocator
+
+    def best_time(n: int) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            backend.forward([ids] * n)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one, batch = best_time(1), best_time(many)
+    per_token = (batch - one) / ((many - 1) * len(ids)) if many > 1 else 0.0
+    if per_token <= 0:
+        return float(length * many)  # batching is free at this size: favour full batches
+    overhead = max(0.0, (one - per_token * len(ids)) / per_token)
+    log.info(
+        "warm-up: %.2f ms for 1 x %d tokens, %.2f ms for %d x %d; overhead %.0f tokens",
+        one * 1e3, len(ids), batch * 1e3, many, len(ids), overhead,
+    )  # fmt: skip
+    return overhead

@@ -1,0 +1,146 @@
+"""The service's one configuration: every field is a `warm-serve` flag and a `WARM_*` variable.
+
+`warm-serve --max-batch-size 64` and `WARM_MAX_BATCH_SIZE=64` set the same field; flags win
+over the environment. Nothing here touches the model or the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from merger.formatting import DEFAULT_SEPARATOR
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Side = Literal["left", "right"]
+
+
+class Settings(BaseSettings):
+    """How `warm-serve` loads its reward model, batches work and protects itself."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WARM_",
+        cli_kebab_case=True,
+        cli_prog_name="warm-serve",
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    # The model.
+    model: Path | None = Field(
+        None,
+        description="Reward-model directory: a WARM artifact or any Hugging Face "
+        "*ForSequenceClassification directory with safetensors weights.",
+    )
+    model_id: str | None = Field(
+        None, description="Name the API reports for the model (default: the directory name)."
+    )
+    backend: Literal["transformers"] = Field("transformers", description="Model backend.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Compute dtype; 'auto' is float32 on CPU and the checkpoint's dtype on CUDA.",
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="Tokens per item after truncation (default: the model's limit)."
+    )
+    truncation_side: Side = Field(
+        "left",
+        description="Which end of an over-long item is cut when a request does not say; "
+        "'left' keeps the response, which is what a reward model scores.",
+    )
+    separator: str = Field(
+        DEFAULT_SEPARATOR,
+        description="Joins prompt and response when the tokenizer has no chat template.",
+    )
+    reward_index: int = Field(
+        0, ge=0, description="Which output of a multi-head model is reported as `reward`."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code shipped inside the model directory."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for the forward pass (default: torch's choice)."
+    )
+    warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
+
+    # Batching.
+    max_batch_size: int = Field(64, ge=1, description="Most items in one forward pass.")
+    max_batch_tokens: int = Field(
+        16384, ge=2, description="Most padded tokens (items x longest item) in one forward pass."
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="How long an idle model waits for more work to fill a batch (0: never).",
+    )
+    batch_overhead_tokens: float | None = Field(
+        None,
+        ge=0,
+        description="Fixed cost of one forward pass, in padded tokens, used to trade padding "
+        "against batch size (default: measured at warm-up).",
+    )
+
+    # Backpressure and limits.
+    max_queue_requests: int = Field(
+        1024, ge=1, description="Requests admitted and not yet answered; more get 429."
+    )
+    max_queue_tokens: int = Field(
+        1 << 20, ge=1, description="Tokens admitted and not yet scored; more get 429."
+    )
+    max_items_per_request: int = Field(1024, ge=1, description="Items in one request (else 422).")
+    max_chars_per_item: int = Field(
+        200_000, ge=1, description="Characters in one item's text fields (else 422)."
+    )
+    max_body_bytes: int = Field(
+        32 << 20, ge=1024, description="Largest request body in bytes (else 413)."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Deadline for a request, from arrival to answer (else 504)."
+    )
+
+    # Access.
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted bearer tokens (JSON list in WARM_API_KEYS); empty: no auth.",
+    )
+    protect_metrics: bool = Field(
+        False, description="Also require an API key for /metrics (health probes stay open)."
+    )
+
+    # The HTTP server.
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    graceful_shutdown_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        head, _, index = value.partition(":")
+        if head not in {"auto", "cpu", "cuda"} or (
+            index and (head != "cuda" or not index.isdigit())
+        ):
+            raise ValueError(f"device {value!r}: expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value() for key in value):
+            raise ValueError("api_keys: an empty key would accept an empty bearer token")
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.max_length is not None and self.max_length > self.max_batch_tokens:
+            raise ValueError(
+                f"max_length {self.max_length} exceeds max_batch_tokens {self.max_batch_tokens}: "
+                "a full-length item could never be scheduled"
+            )
+        return self

@@ -1,0 +1,180 @@
+"""The running service: model loading, readiness, draining, and the shared scoring path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+
+from service.batcher import Batcher, QueueLimits
+from service.batching import BatchLimits
+from service.encoding import Encoded
+from service.errors import ErrorType, ServiceError
+from service.loader import LoadedModel, load_model
+from service.metrics import Metrics
+from service.protocol import Item, Usage
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    """One request's outputs (n_items, num_labels) with its encodings."""
+
+    outputs: np.ndarray
+    encoded: list[Encoded]
+
+    def usage(self) -> Usage:
+        """Items, tokens and truncations of the request."""
+        return Usage(
+            items=len(self.encoded),
+            tokens=sum(len(e.ids) for e in self.encoded),
+            truncated_items=sum(e.truncated for e in self.encoded),
+        )
+
+
+class ServiceState:
+    """What the routes share: settings, metrics, the model once loaded, the batcher."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model: LoadedModel | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.draining = False
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None
+        self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="warm-tokenize")
+
+    async def load(self, preloaded: LoadedModel | None = None) -> None:
+        """Load the model in a thread, start the batcher, then report ready."""
+        try:
+            if preloaded is None:
+                model = await asyncio.to_thread(load_model, self.settings)
+            else:
+                model = preloaded
+        except Exception as error:  # startup boundary: report, then let the server exit
+            self.load_error = f"{type(error).__name__}: {error}"
+            log.error("cannot serve the model: %s", self.load_error)
+            if self.on_fatal is not None:
+                self.on_fatal(self.load_error)
+            return
+        s = self.settings
+        limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, model.overhead_tokens)
+        queue = QueueLimits(s.max_queue_requests, s.max_queue_tokens, s.max_wait_ms / 1000)
+        self.batcher = Batcher(model.backend, limits, queue, self.metrics)
+        await self.batcher.start()
+        self.model = model
+        info = model.backend.info
+        self.metrics.model_info.labels(
+            model.model_id, model.fingerprint, info.dtype, info.device, info.backend
+        ).set(1)
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info(
+            "serving %s (%s, %s on %s, max %d tokens, batch overhead %.0f tokens)",
+            model.model_id, info.architecture, info.dtype, info.device, info.max_length,
+            model.overhead_tokens,
+        )  # fmt: skip
+
+    def start_draining(self) -> None:
+        """Stop reporting ready (SIGTERM): load balancers stop sending new work."""
+        if not self.draining:
+            log.info("draining: not ready; finishing in-flight requests")
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    async def close(self) -> None:
+        """Finish admitted work (bounded by the grace period) and release the model."""
+        self.start_draining()
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop(self.settings.graceful_shutdown_s)
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if self.model is not None:
+            self.model.backend.close()
+
+    def serving(self) -> LoadedModel:
+        """The model, or 503 while loading, after a failed load, or while draining."""
+        if self.model is None or not self.ready:
+            message = self.load_error or "the model is still loading"
+            raise ServiceError(ErrorType.NOT_READY, message, retry_after=5)
+        return self.model
+
+    def check_items(self, items: list[Item]) -> None:
+        """Per-request limits (422), naming the offending item."""
+        s = self.settings
+        if len(items) > s.max_items_per_request:
+            raise ServiceError(
+                ErrorType.INVALID_REQUEST,
+                f"{len(items)} items, more than max_items_per_request ({s.max_items_per_request})",
+            )
+        for index, item in enumerate(items):
+            if item.n_chars() > s.max_chars_per_item:
+                raise ServiceError(
+                    ErrorType.INVALID_REQUEST,
+                    f"items[{index}]: {item.n_chars()} characters, more than "
+                    f"max_chars_per_item ({s.max_chars_per_item})",
+                )
+
+    async def score(self, request: Request, items: list[Item], side: str | None) -> Scored:
+        """Render, tokenise, queue and await one request's items; drop them if the client goes."""
+        arrival = time.monotonic()
+        model = self.serving()
+        self.check_items(items)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(
+            self.tokenizer_pool,
+            model.encoder.encode,
+            items,
+            side or self.settings.truncation_side,
+        )
+        self.metrics.tokenize_latency.observe(time.perf_counter() - started)
+        assert self.batcher is not None
+        deadline = arrival + self.settings.request_timeout_s
+        job = self.batcher.submit([e.ids for e in encoded], deadline)
+        gone = asyncio.create_task(_disconnected(request))
+        waiting: set[asyncio.Future[Any]] = {job.future, gone}
+        try:
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            gone.cancel()
+        if job.future in done:
+            outputs = job.future.result()
+        elif gone in done:
+            self.batcher.cancel(job, "disconnected")
+            raise ServiceError(ErrorType.INVALID_REQUEST, "client disconnected")
+        else:
+            self.batcher.cancel(job, "deadline")
+            raise ServiceError(
+                ErrorType.DEADLINE_EXCEEDED,
+                f"not scored within request_timeout_s ({self.settings.request_timeout_s} s)",
+            )
+        if not np.isfinite(outputs).all():
+            bad = int(np.flatnonzero(~np.isfinite(outputs).all(axis=1))[0])
+            raise ServiceError(
+                ErrorType.BACKEND_ERROR, f"items[{bad}]: the model produced a non-finite output"
+            )
+        return Scored(outputs, encoded)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed its connection (the body is already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
