@@ -90,7 +90,7 @@ def model_limit(tokenizer: Any, config: Any) -> int | None:
 def load_model(settings: Settings) -> LoadedModel:
     """Load, check and warm up the model the settings name (blocking; call from a thread)."""
     model_dir = check_model_dir(settings.model)
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     code = settings.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=code)
