@@ -204,3 +204,16 @@ def bert_rm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) 
     return make_rm(
         tmp_path_factory.mktemp("bert_rm"), "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir
     )
+
+
+@pytest.fixture(scope="session")
+def minilm_rm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """The packaged pretrained MiniLM with a seeded 1-label head: a real-sized reward model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("minilm_rm")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=1)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
+    return out

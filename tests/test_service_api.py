@@ -49,7 +49,7 @@ def settings_for(model: Path, **overrides: object) -> Settings:
     return Settings.model_validate({"model": model, **overrides})
 
 
-@pytest.fixture(scope="module", params=["gpt2", "bert"])
+@pytest.fixture(scope="module", params=["gpt2", "bert", "minilm"])
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[Live, Path]]:
     """A live server per tiny architecture."""
     model_dir: Path = request.getfixturevalue(f"{request.param}_rm")
@@ -186,13 +186,14 @@ def test_models_describes_the_served_model(server: tuple[Live, Path]) -> None:
         body = ModelList.model_validate(client.get("/v1/models").json())
     card = body.data[0]
     arch = "GPT2" if "gpt2" in model_dir.name else "Bert"
+    limit = 512 if "minilm" in model_dir.name else 128
     assert card.architecture == f"{arch}ForSequenceClassification"
     assert card.id == model_dir.name and card.manifest is None
     assert len(card.fingerprint) == 64
     assert (card.dtype, card.device, card.backend, card.num_labels) == (
         "float32", "cpu", "transformers", 1,
     )  # fmt: skip
-    assert card.max_length == 128 and card.limits.max_tokens_per_item == 128
+    assert card.max_length == limit and card.limits.max_tokens_per_item == limit
     assert card.limits.max_items_per_request == Settings().max_items_per_request
 
 
