@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,16 +81,20 @@ class Batcher:
         self._tokens = 0
         self._tokens_per_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._worker: Future[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
 
     # The asyncio front -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the scheduler task and the model thread on the running loop."""
+    async def start(self, model_thread: ThreadPoolExecutor) -> None:
+        """Start the scheduler task, and the forward loop on `model_thread`.
+
+        `model_thread` has one worker: the thread that loaded and warmed up the model. Torch
+        on CPU keeps one OpenMP team per calling thread; a second thread running forwards
+        would make two teams fight over the cores.
+        """
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run_model, name="warm-model", daemon=True)
-        self._thread.start()
+        self._worker = model_thread.submit(self._run_model)
         self._scheduler = asyncio.create_task(self._schedule(), name="warm-scheduler")
 
     def submit(self, sequences: Sequence[Sequence[int]], deadline: float) -> Job:
@@ -158,8 +163,8 @@ class Batcher:
             self._fail(job, ServiceError(ErrorType.NOT_READY, "the service is shutting down"))
         if self._scheduler is not None:
             self._scheduler.cancel()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, timeout)
+        if self._worker is not None:
+            await asyncio.wait([asyncio.wrap_future(self._worker)], timeout=timeout)
         self._publish()
 
     # The scheduler (event loop) ----------------------------------------------------------

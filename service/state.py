@@ -54,12 +54,15 @@ class ServiceState:
         self.load_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="warm-tokenize")
+        # Loading, warm-up and every forward pass run on this one thread (see Batcher.start).
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="warm-model")
 
     async def load(self, preloaded: LoadedModel | None = None) -> None:
         """Load the model in a thread, start the batcher, then report ready."""
         try:
             if preloaded is None:
-                model = await asyncio.to_thread(load_model, self.settings)
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(self.model_thread, load_model, self.settings)
             else:
                 model = preloaded
         except Exception as error:  # startup boundary: report, then let the server exit
@@ -72,7 +75,7 @@ class ServiceState:
         limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, model.overhead_tokens)
         queue = QueueLimits(s.max_queue_requests, s.max_queue_tokens, s.max_wait_ms / 1000)
         self.batcher = Batcher(model.backend, limits, queue, self.metrics)
-        await self.batcher.start()
+        await self.batcher.start(self.model_thread)
         self.model = model
         info = model.backend.info
         self.metrics.model_info.labels(
@@ -100,6 +103,7 @@ class ServiceState:
         if self.batcher is not None:
             await self.batcher.stop(self.settings.graceful_shutdown_s)
         self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
         if self.model is not None:
             self.model.backend.close()
 
