@@ -6,6 +6,7 @@ import hmac
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from service.errors import ErrorType, ServiceError
 from service.protocol import (
@@ -33,6 +34,11 @@ def state_of(request: Request) -> ServiceState:
     return state
 
 
+def json_response(body: BaseModel) -> Response:
+    """Serialise a response model once, in pydantic-core (the hot path skips re-validation)."""
+    return Response(content=body.model_dump_json(), media_type="application/json")
+
+
 def authorize(request: Request) -> None:
     """Require `Authorization: Bearer KEY` when API keys are configured."""
     keys = state_of(request).settings.api_keys
@@ -58,8 +64,8 @@ api = APIRouter(dependencies=[Depends(authorize)])
 probes = APIRouter()
 
 
-@api.post("/v1/score")
-async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+@api.post("/v1/score", response_model=ScoreResponse)
+async def score(body: ScoreRequest, request: Request) -> Response:
     """Rewards of a batch of items, in request order."""
     state = state_of(request)
     scored = await state.score(request, body.items, body.truncation_side)
@@ -77,11 +83,11 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
             )
         )
         state.metrics.rewards.observe(float(row[index]))
-    return ScoreResponse(model=model.model_id, results=results, usage=scored.usage())
+    return json_response(ScoreResponse(model=model.model_id, results=results, usage=scored.usage()))
 
 
-@api.post("/v1/rerank")
-async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
+@api.post("/v1/rerank", response_model=RerankResponse)
+async def rerank(body: RerankRequest, request: Request) -> Response:
     """Best-of-N: candidates for one prompt, best first, with group-normalised advantages."""
     state = state_of(request)
     scored = await state.score(request, body.items(), body.truncation_side)
@@ -104,18 +110,20 @@ async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         )
         for r, i in enumerate(top)
     ]
-    return RerankResponse(
-        model=model.model_id,
-        results=results,
-        best_index=ranking.order[0],
-        mean=ranking.mean,
-        std=ranking.std,
-        usage=scored.usage(),
+    return json_response(
+        RerankResponse(
+            model=model.model_id,
+            results=results,
+            best_index=ranking.order[0],
+            mean=ranking.mean,
+            std=ranking.std,
+            usage=scored.usage(),
+        )
     )
 
 
-@api.post("/get_reward")
-async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
+@api.post("/get_reward", response_model=GetRewardResponse)
+async def get_reward(body: GetRewardRequest, request: Request) -> Response:
     """OpenRLHF's remote reward model protocol: `query` holds full prompt+response texts."""
     state = state_of(request)
     scored = await state.score(request, [Item(text=q) for q in body.query], None)
@@ -123,13 +131,15 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     rewards = [float(row[index]) for row in scored.outputs]
     for reward in rewards:
         state.metrics.rewards.observe(reward)
-    return GetRewardResponse(
-        rewards=rewards,
-        scores=rewards,
-        extra_logs={
-            "n_tokens": [float(len(e.ids)) for e in scored.encoded],
-            "truncated": [float(e.truncated) for e in scored.encoded],
-        },
+    return json_response(
+        GetRewardResponse(
+            rewards=rewards,
+            scores=rewards,
+            extra_logs={
+                "n_tokens": [float(len(e.ids)) for e in scored.encoded],
+                "truncated": [float(e.truncated) for e in scored.encoded],
+            },
+        )
     )
 
 
@@ -157,7 +167,7 @@ async def models(request: Request) -> ModelList:
             max_tokens_per_item=info.max_length,
             max_body_bytes=s.max_body_bytes,
             max_batch_size=s.max_batch_size,
-            max_batch_tokens=s.max_batch_tokens,
+            max_batch_tokens=model.batch_tokens,
         ),
     )
     return ModelList(data=[card])

@@ -29,8 +29,8 @@ NO_MODEL = (
     "`warm-merge build` or to a Hugging Face *ForSequenceClassification directory; "
     "`make demo` builds one in .cache/demo/warm"
 )
-CALIBRATION_LENGTH = 64
-CALIBRATION_BATCH = 8
+CALIBRATION_LENGTH = 128
+TUNE_TOLERANCE = 0.03
 
 
 class LoadError(Exception):
@@ -47,6 +47,7 @@ class LoadedModel:
     backend: Backend
     encoder: Encoder
     overhead_tokens: float
+    batch_tokens: int
 
 
 def check_model_dir(model: Path | None) -> Path:
@@ -127,10 +128,11 @@ def load_model(settings: Settings) -> LoadedModel:
         trust_remote_code=code,
     )
     encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
-    overhead = settings.batch_overhead_tokens
+    overhead, budget = settings.batch_overhead_tokens, settings.max_batch_tokens
     if settings.warmup or overhead is None:
-        measured = warm_up(backend, encoder, settings.max_batch_size)
-        overhead = measured if overhead is None else overhead
+        measured = calibrate(backend, encoder, settings.max_batch_size, settings.max_batch_tokens)
+        overhead = measured.overhead_tokens if overhead is None else overhead
+        budget = measured.batch_tokens if settings.tune_batch_tokens else budget
     return LoadedModel(
         model_id=settings.model_id or model_dir.resolve().name,
         fingerprint=fingerprint,
@@ -138,36 +140,60 @@ def load_model(settings: Settings) -> LoadedModel:
         backend=backend,
         encoder=encoder,
         overhead_tokens=overhead,
+        batch_tokens=budget,
     )
 
 
-def warm_up(backend: Backend, encoder: Encoder, max_batch_size: int) -> float:
-    """Run warm-up forwards; return the fixed cost of a forward pass in padded tokens.
+@dataclass(frozen=True)
+class Calibration:
+    """What warm-up measured about forward passes on this model and device."""
 
-    Fits time = c0 + c1 * padded_tokens on a 1-item and a multi-item batch (best of 3
-    each) and returns c0 / c1.
+    overhead_tokens: float  # fixed cost of one forward pass, in padded tokens
+    batch_tokens: int  # padded-token budget past which throughput stops improving
+
+
+def calibrate(
+    backend: Backend, encoder: Encoder, max_batch_size: int, max_batch_tokens: int
+) -> Calibration:
+    """Warm the model up and time forwards of 1, 2, 4, ... items of CALIBRATION_LENGTH tokens.
+
+    The overhead comes from a straight-line fit time = c0 + c1 * padded_tokens through the
+    1-item and 8-item timings (c0 / c1). The budget is the smallest batch whose throughput
+    is within TUNE_TOLERANCE of the best one measured: on a CPU, throughput peaks at a
+    modest batch and falls after it; on a GPU the largest batch usually wins and the
+    configured budget stays.
     """
     text = " ".join(["warm"] * (4 * CALIBRATION_LENGTH))
     length = min(CALIBRATION_LENGTH, encoder.max_length)
     ids = encoder.encode_texts([text], "right")[0].ids[:length]
-    many = min(CALIBRATION_BATCH, max_batch_size)
-    backend.forward([ids, ids[: max(1, length // 2)]])  # first call: lazy init, allocator
-
-    def best_time(n: int) -> float:
+    sizes = [1]
+    while sizes[-1] * 2 <= max_batch_size and sizes[-1] * 2 * len(ids) <= max_batch_tokens:
+        sizes.append(sizes[-1] * 2)
+    backend.forward([ids] * sizes[-1])  # first calls: lazy initialisation, allocator growth
+    backend.forward([ids, ids[: max(1, length // 2)]])
+    seconds = {}
+    for size in sizes:
         times = []
-        for _ in range(3):
+        for _ in range(2):
             start = time.perf_counter()
-            backend.forward([ids] * n)
+            backend.forward([ids] * size)
             times.append(time.perf_counter() - start)
-        return min(times)
-
-    one, batch = best_time(1), best_time(many)
-    per_token = (batch - one) / ((many - 1) * len(ids)) if many > 1 else 0.0
+        seconds[size] = min(times)
+    rate = {size: size / seconds[size] for size in sizes}
+    best = max(rate.values())
+    chosen = min(size for size in sizes if rate[size] >= (1 - TUNE_TOLERANCE) * best)
+    budget = max_batch_tokens if chosen == sizes[-1] else max(chosen * len(ids), encoder.max_length)
+    many = 8 if 8 in seconds else sizes[-1]
+    per_token = (seconds[many] - seconds[1]) / ((many - 1) * len(ids)) if many > 1 else 0.0
     if per_token <= 0:
-        return float(length * many)  # batching is free at this size: favour full batches
-    overhead = max(0.0, (one - per_token * len(ids)) / per_token)
+        overhead = float(budget)  # batching is free at this size: favour full batches
+    else:
+        overhead = max(0.0, (seconds[1] - per_token * len(ids)) / per_token)
     log.info(
-        "warm-up: %.2f ms for 1 x %d tokens, %.2f ms for %d x %d; overhead %.0f tokens",
-        one * 1e3, len(ids), batch * 1e3, many, len(ids), overhead,
-    )  # fmt: skip
-    return overhead
+        "warm-up over %d-token items: %s; overhead %.0f tokens, batch budget %d tokens",
+        len(ids),
+        ", ".join(f"{size}: {rate[size]:.1f}/s" for size in sizes),
+        overhead,
+        budget,
+    )
+    return Calibration(overhead_tokens=overhead, batch_tokens=budget)

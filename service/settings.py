@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         ge=0,
         description="How long an idle model waits for more work to fill a batch (0: never).",
     )
+    tune_batch_tokens: bool = Field(
+        True,
+        description="At warm-up, lower the padded-token budget to the batch size where "
+        "measured throughput stops improving (CPUs peak at modest batches).",
+    )
     batch_overhead_tokens: float | None = Field(
         None,
         ge=0,

@@ -72,7 +72,7 @@ class ServiceState:
                 self.on_fatal(self.load_error)
             return
         s = self.settings
-        limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, model.overhead_tokens)
+        limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
         queue = QueueLimits(s.max_queue_requests, s.max_queue_tokens, s.max_wait_ms / 1000)
         self.batcher = Batcher(model.backend, limits, queue, self.metrics)
         await self.batcher.start(self.model_thread)
@@ -84,9 +84,10 @@ class ServiceState:
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
-            "serving %s (%s, %s on %s, max %d tokens, batch overhead %.0f tokens)",
+            "serving %s (%s, %s on %s, max %d tokens; batches <= %d items, <= %d padded "
+            "tokens, overhead %.0f tokens)",
             model.model_id, info.architecture, info.dtype, info.device, info.max_length,
-            model.overhead_tokens,
+            s.max_batch_size, model.batch_tokens, model.overhead_tokens,
         )  # fmt: skip
 
     def start_draining(self) -> None:
