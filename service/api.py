@@ -39,7 +39,7 @@ def json_response(body: BaseModel) -> Response:
     return Response(content=body.model_dump_json(), media_type="application/json")
 
 
-def authorize(request: Request) -> None:
+async def authorize(request: Request) -> None:
     """Require `Authorization: Bearer KEY` when API keys are configured."""
     keys = state_of(request).settings.api_keys
     if not keys:
@@ -54,10 +54,10 @@ def authorize(request: Request) -> None:
         raise ServiceError(ErrorType.UNAUTHORIZED, "missing or invalid API key")
 
 
-def authorize_metrics(request: Request) -> None:
+async def authorize_metrics(request: Request) -> None:
     """Metrics are open unless `protect_metrics` is set."""
     if state_of(request).settings.protect_metrics:
-        authorize(request)
+        await authorize(request)
 
 
 api = APIRouter(dependencies=[Depends(authorize)])
