@@ -155,12 +155,9 @@ class Batcher:
         end = time.monotonic() + timeout
         while self._requests and time.monotonic() < end:
             await asyncio.sleep(0.01)
+        self._fail_waiting(ServiceError(ErrorType.NOT_READY, "the service is shutting down"))
         with self._cond:
-            left = self._pending + (self._staged or [])
-            self._pending, self._staged = [], None
             self._cond.notify_all()
-        for job in {w.job for w in left}:
-            self._fail(job, ServiceError(ErrorType.NOT_READY, "the service is shutting down"))
         if self._scheduler is not None:
             self._scheduler.cancel()
         if self._worker is not None:
@@ -173,8 +170,20 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            self._restage()
+            try:
+                self._restage()
+            except Exception:  # the scheduler's boundary: a bug must not stall every request
+                log.exception("batch scheduling failed; failing the waiting requests")
+                self._fail_waiting(ServiceError(ErrorType.INTERNAL, "batch scheduling failed"))
             self._publish()
+
+    def _fail_waiting(self, error: ServiceError) -> None:
+        with self._cond:
+            waiting = self._pending + (self._staged or [])
+            self._pending, self._staged = [], None
+        for job in {w.job for w in waiting}:
+            self._fail(job, error)
+        self._drop(waiting)
 
     def _restage(self) -> None:
         with self._cond:
