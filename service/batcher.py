@@ -130,7 +130,10 @@ class Batcher:
             self._seq += 1
         self._requests += 1
         self._tokens += tokens
-        self._wake.set()
+        if self._staged is None and not self._busy:
+            self._restage()  # an idle model gets its batch now, not one loop turn later
+        else:
+            self._wake.set()
         self._publish()
         return job
 
