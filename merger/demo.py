@@ -1,4 +1,5 @@
-"""`make demo`: merge reward models derived from the packaged MiniLM into a WARM artifact.
+"""`make demo`: merge reward models derived from the packaged MiniLM into a WARM artifact,
+then serve it with `warm-serve` on loopback and score and rerank over HTTP.
 
 Until diverse RM fine-tuning lands, the members share the MiniLM body (lightly perturbed per
 seed) and differ in their seeded 1-label heads: a stand-in for M fine-tuning runs that still
@@ -101,6 +102,65 @@ def main() -> None:
     console.print(
         "The members differ mostly in their linear heads, so weight averaging matches the "
         "ensemble closely: one forward pass instead of M."
+    )
+    console.rule("5. warm-serve on loopback: /v1/score and /v1/rerank over HTTP")
+    serve_and_query(out, warm_scores)
+
+
+def serve_and_query(artifact: Path, expected: list[float]) -> None:
+    """Start the service on a free loopback port, score and rerank, stop it cleanly."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model=artifact, model_id="warm-demo"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            card = client.get("/v1/models").json()["data"][0]
+            console.print(f"  {url}  model {card['id']}  fingerprint {card['fingerprint'][:16]}")
+            items = [{"prompt": p, "response": r} for p, r in TEXTS]
+            scored = client.post("/v1/score", json={"items": items}).json()["results"]
+            rewards = [r["reward"] for r in scored]
+            gap = max(abs(a - b) for a, b in zip(rewards, expected, strict=True))
+            console.print(f"  POST /v1/score: {[round(r, 5) for r in rewards]}")
+            console.print(f"  max |HTTP reward - transformers forward| = {gap:.1e}")
+            prompt = TEXTS[0][0]
+            candidates = [TEXTS[0][1], TEXTS[1][1]]
+            ranked = client.post(
+                "/v1/rerank", json={"prompt": prompt, "candidates": candidates}
+            ).json()
+            console.print(f"  POST /v1/rerank {prompt!r}:")
+            for r in ranked["results"]:
+                console.print(
+                    f"    rank {r['rank']}  reward {r['reward']:+.5f}  "
+                    f"advantage {r['advantage']:+.3f}  {candidates[r['index']]!r}"
+                )
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+    console.print(
+        "  server stopped. Run it yourself: .venv/bin/warm-serve --model " + str(artifact)
     )
 
 
