@@ -69,7 +69,6 @@ async def score(body: ScoreRequest, request: Request) -> Response:
     """Rewards of a batch of items, in request order."""
     state = state_of(request)
     scored = await state.score(request, body.items, body.truncation_side)
-    model = state.serving()
     index = state.settings.reward_index
     results = []
     for i, (row, enc) in enumerate(zip(scored.outputs, scored.encoded, strict=True)):
@@ -83,7 +82,9 @@ async def score(body: ScoreRequest, request: Request) -> Response:
             )
         )
         state.metrics.rewards.observe(float(row[index]))
-    return json_response(ScoreResponse(model=model.model_id, results=results, usage=scored.usage()))
+    return json_response(
+        ScoreResponse(model=scored.model_id, results=results, usage=scored.usage())
+    )
 
 
 @api.post("/v1/rerank", response_model=RerankResponse)
@@ -91,7 +92,6 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     """Best-of-N: candidates for one prompt, best first, with group-normalised advantages."""
     state = state_of(request)
     scored = await state.score(request, body.items(), body.truncation_side)
-    model = state.serving()
     index = state.settings.reward_index
     rewards = [float(row[index]) for row in scored.outputs]
     for reward in rewards:
@@ -112,7 +112,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     ]
     return json_response(
         RerankResponse(
-            model=model.model_id,
+            model=scored.model_id,
             results=results,
             best_index=ranking.order[0],
             mean=ranking.mean,

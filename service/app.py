@@ -89,6 +89,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     error = ServiceError(kind, str(exc.detail))
     response = _respond(request, error)
     response.status_code = exc.status_code
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
 
 

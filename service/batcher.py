@@ -131,7 +131,7 @@ class Batcher:
         self._requests += 1
         self._tokens += tokens
         if self._staged is None and not self._busy:
-            self._restage()  # an idle model gets its batch now, not one loop turn later
+            self._restage_guarded()  # an idle model gets its batch now, not a loop turn later
         else:
             self._wake.set()
         self._publish()
@@ -173,12 +173,15 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            try:
-                self._restage()
-            except Exception:  # the scheduler's boundary: a bug must not stall every request
-                log.exception("batch scheduling failed; failing the waiting requests")
-                self._fail_waiting(ServiceError(ErrorType.INTERNAL, "batch scheduling failed"))
+            self._restage_guarded()
             self._publish()
+
+    def _restage_guarded(self) -> None:
+        try:
+            self._restage()
+        except Exception:  # the scheduler's boundary: a bug must not stall every request
+            log.exception("batch scheduling failed; failing the waiting requests")
+            self._fail_waiting(ServiceError(ErrorType.INTERNAL, "batch scheduling failed"))
 
     def _fail_waiting(self, error: ServiceError) -> None:
         with self._cond:
@@ -246,7 +249,10 @@ class Batcher:
         while True:
             with self._cond:
                 while self._staged is None and not self._closing:
-                    self._cond.wait()
+                    # Wake now and then: if shutdown never ran (a forced exit), the closed
+                    # loop ends this thread instead of blocking interpreter exit.
+                    if not self._cond.wait(timeout=1.0) and self._loop.is_closed():
+                        return
                 if self._staged is None:
                     return
                 batch, self._staged = self._staged, None
@@ -259,6 +265,9 @@ class Batcher:
             if live:
                 try:
                     outputs = self.backend.forward([w.ids for w in live])
+                    expected = (len(live), self.backend.info.num_labels)
+                    if outputs.shape != expected:
+                        raise RuntimeError(f"outputs of shape {outputs.shape}, not {expected}")
                 except Exception as exc:  # the worker's boundary: fail this batch, keep serving
                     log.exception("forward pass failed on a batch of %d items", len(live))
                     error = exc

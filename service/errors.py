@@ -21,6 +21,7 @@ class ErrorType(str, Enum):
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    CLIENT_CLOSED = "client_closed"
     BACKEND_ERROR = "backend_error"
     INTERNAL = "internal_error"
 
@@ -34,6 +35,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.OVERLOADED: 429,
     ErrorType.NOT_READY: 503,
     ErrorType.DEADLINE_EXCEEDED: 504,
+    ErrorType.CLIENT_CLOSED: 499,  # nginx's convention; nobody is left to read it
     ErrorType.BACKEND_ERROR: 500,
     ErrorType.INTERNAL: 500,
 }

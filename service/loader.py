@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -118,6 +119,8 @@ def load_model(settings: Settings) -> LoadedModel:
         pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise LoadError(f"{model_dir}: neither tokenizer nor config defines a pad or EOS token")
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
     backend = TransformersBackend(
         model_dir,

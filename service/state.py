@@ -31,6 +31,7 @@ class Scored:
 
     outputs: np.ndarray
     encoded: list[Encoded]
+    model_id: str
 
     def usage(self) -> Usage:
         """Items, tokens and truncations of the request."""
@@ -56,21 +57,24 @@ class ServiceState:
         self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="warm-tokenize")
         # Loading, warm-up and every forward pass run on this one thread (see Batcher.start).
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="warm-model")
+        metrics.ready.set_function(lambda: float(self.ready and not self.draining))
 
     async def load(self, preloaded: LoadedModel | None = None) -> None:
         """Load the model in a thread, start the batcher, then report ready."""
         try:
-            if preloaded is None:
-                loop = asyncio.get_running_loop()
-                model = await loop.run_in_executor(self.model_thread, load_model, self.settings)
-            else:
-                model = preloaded
+            await self._load(preloaded)
         except Exception as error:  # startup boundary: report, then let the server exit
             self.load_error = f"{type(error).__name__}: {error}"
             log.error("cannot serve the model: %s", self.load_error)
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
-            return
+
+    async def _load(self, preloaded: LoadedModel | None) -> None:
+        if preloaded is None:
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(self.model_thread, load_model, self.settings)
+        else:
+            model = preloaded
         s = self.settings
         limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
         queue = QueueLimits(s.max_queue_requests, s.max_queue_tokens, s.max_wait_ms / 1000)
@@ -82,7 +86,6 @@ class ServiceState:
             model.model_id, model.fingerprint, info.dtype, info.device, info.backend
         ).set(1)
         self.ready = True
-        self.metrics.ready.set(1)
         log.info(
             "serving %s (%s, %s on %s, max %d tokens; batches <= %d items, <= %d padded "
             "tokens, overhead %.0f tokens)",
@@ -94,8 +97,7 @@ class ServiceState:
         """Stop reporting ready (SIGTERM): load balancers stop sending new work."""
         if not self.draining:
             log.info("draining: not ready; finishing in-flight requests")
-        self.draining = True
-        self.metrics.ready.set(0)
+        self.draining = True  # only a flag: this runs inside a signal handler
 
     async def close(self) -> None:
         """Finish admitted work (bounded by the grace period) and release the model."""
@@ -156,13 +158,16 @@ class ServiceState:
                 timeout=max(0.0, deadline - time.monotonic()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        except asyncio.CancelledError:  # the server gave up on this request (forced stop)
+            self.batcher.cancel(job, "cancelled")
+            raise
         finally:
             gone.cancel()
         if job.future in done:
             outputs = job.future.result()
         elif gone in done:
             self.batcher.cancel(job, "disconnected")
-            raise ServiceError(ErrorType.INVALID_REQUEST, "client disconnected")
+            raise ServiceError(ErrorType.CLIENT_CLOSED, "client disconnected")
         else:
             self.batcher.cancel(job, "deadline")
             raise ServiceError(
@@ -174,7 +179,7 @@ class ServiceState:
             raise ServiceError(
                 ErrorType.BACKEND_ERROR, f"items[{bad}]: the model produced a non-finite output"
             )
-        return Scored(outputs, encoded)
+        return Scored(outputs, encoded, model.model_id)
 
 
 async def _disconnected(request: Request) -> None:

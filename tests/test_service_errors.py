@@ -110,6 +110,7 @@ def test_unknown_route_and_wrong_method(live: Live) -> None:
         wrong = client.get("/v1/score")
     assert missing.status_code == 404 and error_of(missing).type == "not_found"
     assert wrong.status_code == 405 and error_of(wrong).type == "method_not_allowed"
+    assert wrong.headers["Allow"] == "POST"
 
 
 def test_oversized_bodies_get_413_declared_or_streamed(live: Live) -> None:

@@ -112,6 +112,7 @@ def test_a_disconnected_clients_work_is_dropped_before_compute(gpt2_rm: Path) ->
         after = live.metrics()
     dropped = 'warm_items_dropped_total{reason="disconnected"}'
     assert after[dropped] - before.get(dropped, 0) == 25
+    assert after['warm_errors_total{type="client_closed"}'] == 1  # not a client error (4xx)
     assert after["warm_items_scored_total"] - before["warm_items_scored_total"] == 30
     assert after["warm_queue_depth"] == 0 and after["warm_queue_tokens"] == 0
     assert after["warm_queue_requests"] == 0
@@ -240,3 +241,42 @@ def test_warm_serve_without_a_model_says_how_to_pass_one() -> None:
     )
     assert result.returncode == 2
     assert "no model given: pass --model DIR" in result.stderr
+
+
+def test_a_backend_returning_the_wrong_shape_fails_its_batch_cleanly(gpt2_rm: Path) -> None:
+    with live_server(settings_for(gpt2_rm)) as live, live.client() as client:
+        assert live.state.model is not None
+        backend = live.state.model.backend
+        forward = backend.forward
+
+        def drops_a_row(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+            return forward(sequences)[1:]
+
+        backend.forward = drops_a_row  # type: ignore[method-assign]
+        failed = client.post("/v1/score", json=items(3))
+        backend.forward = forward  # type: ignore[method-assign]
+        served = client.post("/v1/score", json=items(3))
+        metrics = live.metrics()
+    assert failed.status_code == 500 and "outputs of shape (2, 1), not (3, 1)" in failed.text
+    assert served.status_code == 200
+    assert metrics["warm_queue_requests"] == 0 and metrics["warm_queue_tokens"] == 0
+
+
+def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
+    import torch
+
+    seen: list[int] = []
+    previous = torch.get_num_threads()  # the setting is process-wide: restore it after
+    with live_server(settings_for(gpt2_rm, torch_threads=1)) as live:
+        assert live.state.model is not None
+        backend = live.state.model.backend
+        forward = backend.forward
+
+        def recording(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+            seen.append(torch.get_num_threads())  # runs on the model thread
+            return forward(sequences)
+
+        backend.forward = recording  # type: ignore[method-assign]
+        assert httpx.post(f"{live.url}/v1/score", json=items(1)).status_code == 200
+    torch.set_num_threads(previous)
+    assert seen == [1]

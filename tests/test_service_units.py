@@ -349,8 +349,8 @@ def test_cli_parse_exits_2_naming_the_field(
 
 def test_status_table() -> None:
     names = "INVALID_REQUEST UNAUTHORIZED NOT_FOUND METHOD_NOT_ALLOWED PAYLOAD_TOO_LARGE "
-    names += "OVERLOADED NOT_READY DEADLINE_EXCEEDED BACKEND_ERROR INTERNAL"
-    statuses = [422, 401, 404, 405, 413, 429, 503, 504, 500, 500]
+    names += "OVERLOADED NOT_READY DEADLINE_EXCEEDED BACKEND_ERROR INTERNAL CLIENT_CLOSED"
+    statuses = [422, 401, 404, 405, 413, 429, 503, 504, 500, 500, 499]
     assert {ErrorType[n]: s for n, s in zip(names.split(), statuses, strict=True)} == STATUS
 
 

@@ -65,6 +65,8 @@ class TransformersBackend:
         )
         torch_dtype = resolve_dtype(dtype, self.device, model.config)
         model.config.pad_token_id = pad_token_id
+        # Composite configs (vision-language RMs) read the pad id from their text config.
+        model.config.get_text_config().pad_token_id = pad_token_id
         self.model = model.to(device=self.device, dtype=torch_dtype).eval()
         self.pad_token_id = pad_token_id
         self.info = ModelInfo(
