@@ -69,19 +69,16 @@ async def score(body: ScoreRequest, request: Request) -> Response:
     """Rewards of a batch of items, in request order."""
     state = state_of(request)
     scored = await state.score(request, body.items, body.truncation_side)
-    index = state.settings.reward_index
-    results = []
-    for i, (row, enc) in enumerate(zip(scored.outputs, scored.encoded, strict=True)):
-        results.append(
-            ScoreResult(
-                index=i,
-                reward=float(row[index]),
-                rewards=[float(x) for x in row] if len(row) > 1 else None,
-                n_tokens=len(enc.ids),
-                truncated=enc.truncated,
-            )
+    results = [
+        ScoreResult(
+            index=i,
+            reward=scored.rewards[i],
+            rewards=scored.vector(i),
+            n_tokens=len(enc.ids),
+            truncated=enc.truncated,
         )
-        state.metrics.rewards.observe(float(row[index]))
+        for i, enc in enumerate(scored.encoded)
+    ]
     return json_response(
         ScoreResponse(model=scored.model_id, results=results, usage=scored.usage())
     )
@@ -92,10 +89,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     """Best-of-N: candidates for one prompt, best first, with group-normalised advantages."""
     state = state_of(request)
     scored = await state.score(request, body.items(), body.truncation_side)
-    index = state.settings.reward_index
-    rewards = [float(row[index]) for row in scored.outputs]
-    for reward in rewards:
-        state.metrics.rewards.observe(reward)
+    rewards = scored.rewards
     ranking = rank(rewards)
     top = ranking.order[: body.top_k] if body.top_k is not None else ranking.order
     results = [
@@ -104,7 +98,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
             rank=r,
             reward=rewards[i],
             advantage=ranking.advantages[i],
-            rewards=[float(x) for x in scored.outputs[i]] if scored.outputs.shape[1] > 1 else None,
+            rewards=scored.vector(i),
             n_tokens=len(scored.encoded[i].ids),
             truncated=scored.encoded[i].truncated,
         )
@@ -127,10 +121,7 @@ async def get_reward(body: GetRewardRequest, request: Request) -> Response:
     """OpenRLHF's remote reward model protocol: `query` holds full prompt+response texts."""
     state = state_of(request)
     scored = await state.score(request, [Item(text=q) for q in body.query], None)
-    index = state.settings.reward_index
-    rewards = [float(row[index]) for row in scored.outputs]
-    for reward in rewards:
-        state.metrics.rewards.observe(reward)
+    rewards = scored.rewards
     return json_response(
         GetRewardResponse(
             rewards=rewards,

@@ -32,6 +32,12 @@ class Scored:
     outputs: np.ndarray
     encoded: list[Encoded]
     model_id: str
+    rewards: list[float]  # the reward head's output per item
+
+    def vector(self, index: int) -> list[float] | None:
+        """Every output of item `index` for multi-head models, else None."""
+        row = self.outputs[index]
+        return [float(x) for x in row] if len(row) > 1 else None
 
     def usage(self) -> Usage:
         """Items, tokens and truncations of the request."""
@@ -126,10 +132,10 @@ class ServiceState:
                 f"{len(items)} items, more than max_items_per_request ({s.max_items_per_request})",
             )
         for index, item in enumerate(items):
-            if item.n_chars() > s.max_chars_per_item:
+            if (chars := item.n_chars()) > s.max_chars_per_item:
                 raise ServiceError(
                     ErrorType.INVALID_REQUEST,
-                    f"items[{index}]: {item.n_chars()} characters, more than "
+                    f"items[{index}]: {chars} characters, more than "
                     f"max_chars_per_item ({s.max_chars_per_item})",
                 )
 
@@ -179,7 +185,10 @@ class ServiceState:
             raise ServiceError(
                 ErrorType.BACKEND_ERROR, f"items[{bad}]: the model produced a non-finite output"
             )
-        return Scored(outputs, encoded, model.model_id)
+        rewards = [float(r) for r in outputs[:, self.settings.reward_index]]
+        for reward in rewards:
+            self.metrics.rewards.observe(reward)
+        return Scored(outputs, encoded, model.model_id, rewards)
 
 
 async def _disconnected(request: Request) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,17 +28,29 @@ def items(n: int, text: str = TEXT) -> dict[str, Any]:
     return {"items": [{"text": text}] * n}
 
 
-def slow_down(live: Live, seconds: float) -> None:
-    """Make every forward pass take at least `seconds` (to hold work in the queue)."""
+Forward = Callable[[Sequence[Sequence[int]]], np.ndarray]
+
+
+def wrap_forward(live: Live, wrapper: Callable[[Forward], Forward]) -> Forward:
+    """Replace the backend's forward by `wrapper(original)`; return the original."""
     assert live.state.model is not None
     backend = live.state.model.backend
     forward = backend.forward
+    backend.forward = wrapper(forward)  # type: ignore[method-assign]
+    return forward
 
-    def slow(sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        time.sleep(seconds)
-        return forward(sequences)
 
-    backend.forward = slow  # type: ignore[method-assign]
+def slow_down(live: Live, seconds: float) -> None:
+    """Make every forward pass take at least `seconds` (to hold work in the queue)."""
+
+    def slow(forward: Forward) -> Forward:
+        def run(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+            time.sleep(seconds)
+            return forward(sequences)
+
+        return run
+
+    wrap_forward(live, slow)
 
 
 @contextmanager
@@ -134,18 +146,18 @@ def test_requests_past_their_deadline_get_504_and_the_rest_is_dropped(gpt2_rm: P
 
 def test_a_failing_forward_fails_only_its_batch(gpt2_rm: Path) -> None:
     with live_server(settings_for(gpt2_rm)) as live, live.client() as client:
-        assert live.state.model is not None
-        backend = live.state.model.backend
-        forward = backend.forward
         calls = {"n": 0}
 
-        def fails_once(sequences: Sequence[Sequence[int]]) -> np.ndarray:
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("CUDA error: device-side assert triggered")
-            return forward(sequences)
+        def fails_once(forward: Forward) -> Forward:
+            def run(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("CUDA error: device-side assert triggered")
+                return forward(sequences)
 
-        backend.forward = fails_once  # type: ignore[method-assign]
+            return run
+
+        wrap_forward(live, fails_once)
         failed = client.post("/v1/score", json=items(3))
         served = client.post("/v1/score", json=items(3))
         metrics = live.metrics()
@@ -245,16 +257,9 @@ def test_warm_serve_without_a_model_says_how_to_pass_one() -> None:
 
 def test_a_backend_returning_the_wrong_shape_fails_its_batch_cleanly(gpt2_rm: Path) -> None:
     with live_server(settings_for(gpt2_rm)) as live, live.client() as client:
-        assert live.state.model is not None
-        backend = live.state.model.backend
-        forward = backend.forward
-
-        def drops_a_row(sequences: Sequence[Sequence[int]]) -> np.ndarray:
-            return forward(sequences)[1:]
-
-        backend.forward = drops_a_row  # type: ignore[method-assign]
+        original = wrap_forward(live, lambda forward: lambda seqs: forward(seqs)[1:])
         failed = client.post("/v1/score", json=items(3))
-        backend.forward = forward  # type: ignore[method-assign]
+        wrap_forward(live, lambda _: original)
         served = client.post("/v1/score", json=items(3))
         metrics = live.metrics()
     assert failed.status_code == 500 and "outputs of shape (2, 1), not (3, 1)" in failed.text
@@ -268,15 +273,15 @@ def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
     seen: list[int] = []
     previous = torch.get_num_threads()  # the setting is process-wide: restore it after
     with live_server(settings_for(gpt2_rm, torch_threads=1)) as live:
-        assert live.state.model is not None
-        backend = live.state.model.backend
-        forward = backend.forward
 
-        def recording(sequences: Sequence[Sequence[int]]) -> np.ndarray:
-            seen.append(torch.get_num_threads())  # runs on the model thread
-            return forward(sequences)
+        def recording(forward: Forward) -> Forward:
+            def run(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+                seen.append(torch.get_num_threads())  # runs on the model thread
+                return forward(sequences)
 
-        backend.forward = recording  # type: ignore[method-assign]
+            return run
+
+        wrap_forward(live, recording)
         assert httpx.post(f"{live.url}/v1/score", json=items(1)).status_code == 200
     torch.set_num_threads(previous)
     assert seen == [1]
