@@ -34,9 +34,17 @@ def state_of(request: Request) -> ServiceState:
     return state
 
 
-def json_response(body: BaseModel) -> Response:
-    """Serialise a response model once, in pydantic-core (the hot path skips re-validation)."""
-    return Response(content=body.model_dump_json(), media_type="application/json")
+FINGERPRINT_HEADER = "x-warm-fingerprint"
+
+
+def json_response(body: BaseModel, fingerprint: str | None = None) -> Response:
+    """Serialise a response model once, in pydantic-core (the hot path skips re-validation).
+
+    Scored responses carry the model's fingerprint in a header, so that a pinned client
+    notices a model swapped behind the same URL (a rolling update) on the next call.
+    """
+    headers = {FINGERPRINT_HEADER: fingerprint} if fingerprint is not None else None
+    return Response(content=body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 async def authorize(request: Request) -> None:
@@ -80,7 +88,8 @@ async def score(body: ScoreRequest, request: Request) -> Response:
         for i, enc in enumerate(scored.encoded)
     ]
     return json_response(
-        ScoreResponse(model=scored.model_id, results=results, usage=scored.usage())
+        ScoreResponse(model=scored.model_id, results=results, usage=scored.usage()),
+        scored.fingerprint,
     )
 
 
@@ -112,7 +121,8 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
             mean=ranking.mean,
             std=ranking.std,
             usage=scored.usage(),
-        )
+        ),
+        scored.fingerprint,
     )
 
 
@@ -130,7 +140,8 @@ async def get_reward(body: GetRewardRequest, request: Request) -> Response:
                 "n_tokens": [float(len(e.ids)) for e in scored.encoded],
                 "truncated": [float(e.truncated) for e in scored.encoded],
             },
-        )
+        ),
+        scored.fingerprint,
     )
 
 

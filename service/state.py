@@ -32,6 +32,7 @@ class Scored:
     outputs: np.ndarray
     encoded: list[Encoded]
     model_id: str
+    fingerprint: str
     rewards: list[float]  # the reward head's output per item
 
     def vector(self, index: int) -> list[float] | None:
@@ -188,7 +189,7 @@ class ServiceState:
         rewards = [float(r) for r in outputs[:, self.settings.reward_index]]
         for reward in rewards:
             self.metrics.rewards.observe(reward)
-        return Scored(outputs, encoded, model.model_id, rewards)
+        return Scored(outputs, encoded, model.model_id, model.fingerprint, rewards)
 
 
 async def _disconnected(request: Request) -> None:

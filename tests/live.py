@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -71,12 +71,23 @@ def wait_until(predicate: Any, timeout: float = 60, what: str = "condition") -> 
 
 
 @contextmanager
-def live_server(settings: Settings, *, ready: bool = True) -> Iterator[Live]:
-    """Serve `settings` on a loopback port; wait for /ready unless `ready` is False."""
+def live_server(
+    settings: Settings,
+    *,
+    ready: bool = True,
+    wrap: Callable[[Any], Any] | None = None,
+    sock: socket.socket | None = None,
+) -> Iterator[Live]:
+    """Serve `settings` on a loopback port; wait for /ready unless `ready` is False.
+
+    `wrap` puts ASGI middleware around the app (fault injection); `sock` serves on a socket
+    bound beforehand (a client may already be knocking at the port).
+    """
     app = create_app(settings)
-    sock = free_socket()
+    sock = sock or free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
+    served = wrap(app) if wrap is not None else app
+    config = uvicorn.Config(served, log_level="warning", timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
