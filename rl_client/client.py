@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import random
 import threading
@@ -427,7 +426,13 @@ class RewardClient:
 
     def rerank(self, candidates: Sequence[str], **options: Any) -> RerankResponse:
         """Candidates for one prompt, best first (see `AsyncRewardClient.rerank`)."""
-        return self._submit(self._async.rerank(candidates, **options)).result()
+        return self.rerank_future(candidates, **options).result()
+
+    def rerank_future(
+        self, candidates: Sequence[str], **options: Any
+    ) -> concurrent.futures.Future[RerankResponse]:
+        """Start a rerank and return at once; `.result()` waits for it."""
+        return self._submit(self._async.rerank(candidates, **options))
 
     def wait_ready(self, timeout_s: float = 300.0) -> ModelCard:
         """Poll until the service answers /v1/models (a pod still loading answers 503)."""
@@ -445,7 +450,3 @@ class RewardClient:
 
         return TRLRewardFunc(self.config, name=name)
 
-
-def encode_json(value: Any) -> bytes:
-    """Compact JSON bytes."""
-    return json.dumps(value, separators=(",", ":")).encode()
