@@ -449,4 +449,3 @@ class RewardClient:
         from rl_client.adapters import TRLRewardFunc
 
         return TRLRewardFunc(self.config, name=name)
-
