@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint typecheck unit clean bench-serve
+.PHONY: demo test lint typecheck unit clean bench-serve bench-rl
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ $(VLLM_ENV)/.installed:
 
 bench-serve: $(STAMP) $(VLLM_ENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_bench.py --append
+
+bench-rl: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/rl_step_bench.py --append
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
