@@ -48,19 +48,24 @@ def trl_items(prompts: Sequence[Any], completions: Sequence[Any]) -> list[Item]:
     return items
 
 
-class TRLRewardFunc:
-    """A synchronous TRL reward function; pickles as its client configuration."""
+class _RewardFunc:
+    """What both forms share: a name TRL logs under, and pickling as the client config."""
 
     def __init__(self, config: ClientConfig, name: str = "warm_rm") -> None:
         self.config = config
         self.__name__ = name  # TRL logs each reward function under its name
-        self._client: RewardClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "__name__": self.__name__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["config"], state["__name__"])  # type: ignore[misc]
+
+
+class TRLRewardFunc(_RewardFunc):
+    """A synchronous TRL reward function; pickles as its client configuration."""
+
+    _client: RewardClient | None = None
 
     def __call__(
         self,
@@ -75,19 +80,10 @@ class TRLRewardFunc:
         return self._client.score(trl_items(prompts, completions)).rewards
 
 
-class AsyncTRLRewardFunc:
+class AsyncTRLRewardFunc(_RewardFunc):
     """An async TRL reward function (TRL gathers async functions concurrently)."""
 
-    def __init__(self, config: ClientConfig, name: str = "warm_rm") -> None:
-        self.config = config
-        self.__name__ = name
-        self._client: AsyncRewardClient | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "__name__": self.__name__}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["config"], state["__name__"])  # type: ignore[misc]
+    _client: AsyncRewardClient | None = None
 
     async def __call__(
         self,

@@ -6,6 +6,7 @@ import functools
 import itertools
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,3 +218,16 @@ def minilm_rm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Pat
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def rm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The last-character reward model, served: +1 for a text ending in a vowel, else -1."""
+    from live import live_server
+    from toy_rl import save_last_char_rm
+
+    from service.settings import Settings
+
+    rm = save_last_char_rm(tmp_path_factory.mktemp("last_char_rm"), good="aeiou")
+    with live_server(Settings.model_validate({"model": rm})) as live:
+        yield live

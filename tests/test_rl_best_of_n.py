@@ -8,23 +8,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from live import Live, live_server
-from toy_rl import save_last_char_rm, save_toy_policy
+from live import Live
+from toy_rl import save_toy_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl_client.best_of_n import BestOfN, best_of_n, generate_candidates
 from rl_client.client import RewardClient
-from service.settings import Settings
 
 GOOD = "aeiou"
-
-
-@pytest.fixture(scope="module")
-def rm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """The last-character reward model, served: +1 for a completion ending in a vowel."""
-    rm = save_last_char_rm(tmp_path_factory.mktemp("last_char_rm"), good=GOOD)
-    with live_server(Settings.model_validate({"model": rm})) as live:
-        yield live
 
 
 @pytest.fixture

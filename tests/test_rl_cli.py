@@ -5,23 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live import Live, live_server
-from toy_rl import save_last_char_rm, save_toy_policy
+from live import Live
+from toy_rl import save_toy_policy
 
 from rl_client.cli import main
-from service.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def rm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """The last-character reward model (+1 for a text ending in a vowel), served."""
-    rm = save_last_char_rm(tmp_path_factory.mktemp("last_char_rm"), good="aeiou")
-    with live_server(Settings.model_validate({"model": rm})) as live:
-        yield live
 
 
 def run(argv: list[str]) -> int:

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from live import Live, live_server
+from live import Live
 from safetensors.torch import load_file
-from toy_rl import EOS_ID, save_last_char_rm, save_toy_policy
+from toy_rl import EOS_ID, save_toy_policy
 
 from rl_client.config import TrainConfig
 from rl_client.rollout import DEFAULT_PROMPTS, completion_mask, prompt_batch, read_prompts
 from rl_client.trainer import train
-from service.settings import Settings
 
 GOOD = "aeiou"  # the reward model pays +1 for a completion that ends in a vowel, else -1
-
-
-@pytest.fixture(scope="module")
-def rm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """The last-character reward model, served on loopback."""
-    rm = save_last_char_rm(tmp_path_factory.mktemp("last_char_rm"), good=GOOD)
-    with live_server(Settings.model_validate({"model": rm})) as live:
-        yield live
 
 
 @pytest.fixture(scope="module")

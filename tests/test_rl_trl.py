@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from live import Live, live_server
-from toy_rl import save_last_char_rm, save_toy_policy
+from live import Live
+from toy_rl import save_toy_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from rl_client.adapters import trl_items
 from rl_client.client import AsyncRewardClient, RewardClient
 from service.protocol import Item
-from service.settings import Settings
 
 GOOD = "aeiou"
-
-
-@pytest.fixture(scope="module")
-def rm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """The last-character reward model, served: +1 for a completion ending in a vowel."""
-    rm = save_last_char_rm(tmp_path_factory.mktemp("last_char_rm"), good=GOOD)
-    with live_server(Settings.model_validate({"model": rm})) as live:
-        yield live
 
 
 def test_trl_items_plain_and_conversational() -> None:
