@@ -143,3 +143,15 @@ def test_eos_ends_a_completion(policy_dir: Path) -> None:
     assert rollout.mask[:, 0].all() and not rollout.mask[:, 1:].any()
     assert rollout.items()[0].prompt == "abc"
     assert rollout.items()[3].prompt == "hello there"
+
+
+def test_control_reward_is_logged_not_optimised(
+    rm_server: Live, policy_dir: Path, tmp_path: Path
+) -> None:
+    # The same RM as control: its logged mean must equal the optimised reward's, step by step.
+    cfg = config(policy_dir, rm_server.url, tmp_path, steps=2, control_url=rm_server.url)
+    history = train(cfg)
+    assert [r["control_reward"] for r in history] == [r["reward"] for r in history]
+    without = train(config(policy_dir, rm_server.url, tmp_path / "plain", steps=2))
+    assert "control_reward" not in without[0]
+    assert [r["reward"] for r in without] == [r["reward"] for r in history]
