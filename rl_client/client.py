@@ -13,7 +13,6 @@ import concurrent.futures
 import logging
 import random
 import threading
-import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -30,6 +29,7 @@ from rl_client.errors import (
 )
 from rl_client.plan import RETRY_STATUSES, parse_retry_after, plan_chunks, retry_delay
 from service.protocol import (
+    FINGERPRINT_HEADER,
     Item,
     Message,
     ModelCard,
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FailurePolicy = Literal["raise", "none"]
 ItemLike = Item | str | Mapping[str, Any]
-FINGERPRINT_HEADER = "x-warm-fingerprint"
 # Errors that say the client is misconfigured: never turned into a `None` reward.
 CONFIG_STATUSES = frozenset({401, 403, 404, 405})
 
@@ -433,16 +432,6 @@ class RewardClient:
     ) -> concurrent.futures.Future[RerankResponse]:
         """Start a rerank and return at once; `.result()` waits for it."""
         return self._submit(self._async.rerank(candidates, **options))
-
-    def wait_ready(self, timeout_s: float = 300.0) -> ModelCard:
-        """Poll until the service answers /v1/models (a pod still loading answers 503)."""
-        end = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self.models(refresh=True)
-            except ServiceUnavailable:
-                if time.monotonic() >= end:
-                    raise
 
     def as_trl_reward_func(self, name: str = "warm_rm") -> Any:
         """A picklable `reward_funcs` entry for TRL's GRPOTrainer/RLOOTrainer."""

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from service.errors import ErrorType, ServiceError
 from service.protocol import (
+    FINGERPRINT_HEADER,
     GetRewardRequest,
     GetRewardResponse,
     Item,
@@ -32,9 +33,6 @@ def state_of(request: Request) -> ServiceState:
     """The service state the app factory attached."""
     state: ServiceState = request.app.state.warm
     return state
-
-
-FINGERPRINT_HEADER = "x-warm-fingerprint"
 
 
 def json_response(body: BaseModel, fingerprint: str | None = None) -> Response:

@@ -9,6 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Scored responses carry the served model's fingerprint in this header (clients pin to it).
+FINGERPRINT_HEADER = "x-warm-fingerprint"
+
 Role = Literal["system", "user", "assistant"]
 Side = Literal["left", "right"]
 
