@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch  # the pinned local CPU wheel first, so nothing resolves a CUDA build
-	$(PIP) -e ".[dev,serving,rl]"
+	$(PIP) -e ".[dev,serving,rl,train]"
 	touch $(STAMP)
 
 demo: $(STAMP)

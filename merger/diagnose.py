@@ -174,15 +174,16 @@ def _load_into(model: Any, state: State, source: str) -> None:
         ) from exc
 
 
-def _rewards(model: Any, batches: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+def rewards_of(model: Any, batches: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """One scalar reward per text, in input order. Shape [N], fp32."""
     with torch.inference_mode():
         return torch.cat([model(**enc).logits[:, 0].float() for enc in batches])
 
 
-def _tokenize(
+def tokenize_texts(
     tokenizer: Any, texts: list[str], batch_size: int, max_length: int
 ) -> list[Mapping[str, torch.Tensor]]:
+    """Padded, truncated batches of `texts`, in order."""
     # Tokenized once: every evaluation then sees identical batches, so WA at lambda = 0
     # reproduces member A bit for bit.
     return [
@@ -244,12 +245,12 @@ def diagnose(
     texts += [
         render(tokenizer, prompt=p.prompt, response=p.rejected, separator=separator) for p in data
     ]
-    batches = _tokenize(tokenizer, texts, batch_size, max_length)
+    batches = tokenize_texts(tokenizer, texts, batch_size, max_length)
     n = len(data)
 
     def score(state: State, source: str) -> torch.Tensor:
         _load_into(model, state, source)
-        return _rewards(model, batches)  # [2N]: chosen rewards, then rejected
+        return rewards_of(model, batches)  # [2N]: chosen rewards, then rejected
 
     def acc(rewards: torch.Tensor) -> float:
         return pairwise_accuracy(rewards[:n], rewards[n:])

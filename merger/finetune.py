@@ -1,0 +1,391 @@
+"""Fine-tune M diverse reward models from one shared initialisation (the WARM recipe).
+
+1. The shared init: the base model (any HF encoder or decoder) with a 1-label reward head
+   drawn once from `seed`, saved to <out>/init. Every member starts here, so their weights
+   stay linearly connected and can be averaged.
+2. Members: Bradley-Terry fine-tuning on preference pairs with TRL's `RewardTrainer`, each
+   with its own learning rate and dropout (cycling through the grids), seed (head-free: the
+   seed drives dropout masks) and data order. With `baklava_steps`, member i instead starts
+   from step i x baklava_steps of one shared fine-tuning run ("Baklava": different initial
+   checkpoints of one run).
+3. Ranking: held-out pairwise accuracy; the best `keep` members are merged by weight
+   averaging into <out>/warm (a verified artifact, see `merger.build`).
+
+Why TRL: its RewardTrainer is the Bradley-Terry trainer RLHF users already run. We hand it
+token ids that we render and tokenise ourselves (`merger.formatting.render`, truncated from
+the left like the service), so a member is trained on exactly the text the service scores,
+and TRL adds nothing (no EOS, no prompt concatenation of its own).
+
+Every member directory is written to a temporary name and renamed when complete, with a
+`member.json` recording its hyperparameters, a key of everything that determines it, and its
+accuracy: a rerun with the same inputs reuses it (the demo's cache), any change retrains it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from merger.build import plan_merge, run_merge
+from merger.config import MergeSpec
+from merger.diagnose import Preference, pairwise_accuracy, rewards_of, tokenize_texts
+from merger.formatting import DEFAULT_SEPARATOR, render
+
+MEMBER_FILE = "member.json"
+REPORT_FILE = "finetune.json"
+# Config fields that hold a dropout probability, across BERT, GPT-2, Llama-style configs.
+DROPOUT_FIELDS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "summary_first_dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "dropout",
+)
+
+Log = Callable[[str], None]
+
+
+class FinetuneSpec(BaseModel):
+    """Everything `warm-merge finetune` needs: data, base model, the diversity grid."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: Path = Field(description="Base model directory (HF encoder or decoder).")
+    out: Path = Field(description="Output directory: init/, member-*/, warm/, finetune.json.")
+    members: int = Field(4, ge=1, description="How many reward models to fine-tune.")
+    keep: int | None = Field(None, ge=1, description="Merge the best `keep` (default: all).")
+    learning_rates: tuple[float, ...] = Field((1e-4, 5e-5), min_length=1)
+    dropouts: tuple[float, ...] = Field((0.1, 0.0), min_length=1)
+    seed: int = Field(0, description="Seeds the shared head; member i uses seed + 1 + i.")
+    baklava_steps: int = Field(
+        0, ge=0, description="Member i starts from step i x this of one shared run (0: off)."
+    )
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="Preference pairs per step.")
+    max_length: int = Field(128, ge=2, description="Tokens per text (cut from the left).")
+    separator: str = DEFAULT_SEPARATOR
+    merge: bool = Field(True, description="Write the WARM artifact of the kept members.")
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneSpec:
+        if self.keep is not None and self.keep > self.members:
+            raise ValueError(f"keep ({self.keep}) exceeds members ({self.members})")
+        for lr in self.learning_rates:
+            if not 0 < lr < 1:
+                raise ValueError(f"learning rate {lr} is outside (0, 1)")
+        for p in self.dropouts:
+            if not 0 <= p < 1:
+                raise ValueError(f"dropout {p} is outside [0, 1)")
+        return self
+
+
+class MemberPlan(BaseModel):
+    """One member's hyperparameters."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    learning_rate: float
+    dropout: float
+    seed: int = Field(description="Dropout masks and data order.")
+    init_step: int = Field(description="Shared-run step it starts from (0: the shared init).")
+
+
+class MemberResult(BaseModel):
+    """A trained member: its plan, where it is and its held-out accuracy."""
+
+    plan: MemberPlan
+    path: str
+    key: str
+    train_loss: float
+    val_accuracy: float
+
+
+class FinetuneReport(BaseModel):
+    """What `finetune` did: every member ranked, the kept ones, the artifact."""
+
+    init: str
+    train_pairs: int
+    val_pairs: int
+    ranking: list[MemberResult] = Field(description="Best held-out accuracy first.")
+    kept: list[str]
+    artifact: str | None
+
+
+def plan_members(spec: FinetuneSpec) -> list[MemberPlan]:
+    """Member i: the i-th (learning rate, dropout) of the grid, cycling; seed + 1 + i."""
+    grid = list(itertools.product(spec.learning_rates, spec.dropouts))
+    return [
+        MemberPlan(
+            name=f"member-{i}",
+            learning_rate=grid[i % len(grid)][0],
+            dropout=grid[i % len(grid)][1],
+            seed=spec.seed + 1 + i,
+            init_step=i * spec.baklava_steps,
+        )
+        for i in range(spec.members)
+    ]
+
+
+def rank(results: Sequence[MemberResult]) -> list[MemberResult]:
+    """Best held-out accuracy first; ties keep member order."""
+    return sorted(results, key=lambda r: -r.val_accuracy)
+
+
+def _set_dropout(config: Any, p: float) -> dict[str, float]:
+    """Set every dropout field present on `config` to p; return the old values."""
+    old = {
+        f: getattr(config, f) for f in DROPOUT_FIELDS if isinstance(getattr(config, f, None), float)
+    }
+    for field in old:
+        setattr(config, field, p)
+    return old
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _dir_key(directory: Path) -> str:
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    return _key([(p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files])
+
+
+def _save_atomic(model: Any, tokenizer: Any, dest: Path, extra: dict[str, str]) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def make_init(spec: FinetuneSpec) -> Path:
+    """The shared initialisation: base + a reward head drawn from `seed` (kept if present)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    dest = spec.out / "init"
+    key = _key("init", _dir_key(spec.base), spec.seed)
+    if (dest / "init.key").is_file() and (dest / "init.key").read_text() == key:
+        return dest
+    tokenizer = AutoTokenizer.from_pretrained(spec.base)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(spec.base, num_labels=1)
+    if tokenizer.pad_token is None:  # decoders: pad with EOS, and read the last real token
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    spec.out.mkdir(parents=True, exist_ok=True)
+    _save_atomic(model, tokenizer, dest, {"init.key": key})
+    return dest
+
+
+def encode_pairs(tokenizer: Any, pairs: Sequence[Preference], spec: FinetuneSpec) -> Any:
+    """A datasets.Dataset of chosen_ids / rejected_ids, rendered and cut as the service does."""
+    from datasets import Dataset
+
+    def ids(prompt: str, response: str) -> list[int]:
+        text = render(tokenizer, prompt=prompt, response=response, separator=spec.separator)
+        out: list[int] = tokenizer(text, truncation=True, max_length=spec.max_length)["input_ids"]
+        return out
+
+    tokenizer.truncation_side = "left"  # keep the response: it is what the reward judges
+    rows = [
+        {"chosen_ids": ids(p.prompt, p.chosen), "rejected_ids": ids(p.prompt, p.rejected)}
+        for p in pairs
+    ]
+    return Dataset.from_list(rows)
+
+
+def accuracy(model: Any, tokenizer: Any, pairs: Sequence[Preference], spec: FinetuneSpec) -> float:
+    """Held-out pairwise accuracy: the share of pairs whose chosen response scores higher."""
+    texts = [
+        render(tokenizer, prompt=p.prompt, response=response, separator=spec.separator)
+        for responses in ([p.chosen for p in pairs], [p.rejected for p in pairs])
+        for p, response in zip(pairs, responses, strict=True)
+    ]
+    tokenizer.truncation_side = "left"
+    rewards = rewards_of(model.eval(), tokenize_texts(tokenizer, texts, 64, spec.max_length))
+    n = len(pairs)
+    return pairwise_accuracy(rewards[:n], rewards[n:])
+
+
+def _trainer(model: Any, tokenizer: Any, data: Any, out: Path, **args: Any) -> Any:
+    from transformers.utils import logging as hf_logging
+    from trl.trainer.reward_config import RewardConfig
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    config = RewardConfig(
+        output_dir=str(out),
+        disable_dropout=False,  # dropout is one of the diversity knobs
+        max_length=None,  # already cut to spec.max_length, from the left
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+        logging_steps=10**9,
+        **args,
+    )
+    return RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+
+
+def _baklava_inits(
+    spec: FinetuneSpec, init: Path, data: Any, plans: list[MemberPlan]
+) -> dict[int, Path]:
+    """Checkpoints of one shared fine-tuning run at every member's start step."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    steps = sorted({p.init_step for p in plans} - {0})
+    if not steps:
+        return {0: init}
+    root = spec.out / "baklava"
+    key = _key("baklava", _dir_key(init), steps, spec.learning_rates[0], spec.batch_size, spec.seed)
+    if not ((root / "run.key").is_file() and (root / "run.key").read_text() == key):
+        shutil.rmtree(root, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(init)
+        model = AutoModelForSequenceClassification.from_pretrained(init)
+        trainer = _trainer(
+            model, tokenizer, data, root / "run",
+            learning_rate=spec.learning_rates[0], per_device_train_batch_size=spec.batch_size,
+            max_steps=steps[-1], seed=spec.seed, data_seed=spec.seed, save_strategy="no",
+        )  # fmt: skip
+
+        from transformers import TrainerCallback
+
+        class SaveAt(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if state.global_step in steps:
+                    _save_atomic(model, tokenizer, root / f"step-{state.global_step}", {})
+
+        trainer.add_callback(SaveAt())
+        trainer.train()
+        shutil.rmtree(root / "run", ignore_errors=True)
+        (root / "run.key").write_text(key)
+    return {0: init} | {s: root / f"step-{s}" for s in steps}
+
+
+def train_member(
+    plan: MemberPlan,
+    start: Path,
+    data: Any,
+    val: Sequence[Preference],
+    spec: FinetuneSpec,
+    key: str,
+) -> MemberResult:
+    """Fine-tune one member from `start` and write it atomically to <out>/<name>."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    config = AutoConfig.from_pretrained(start)
+    saved_dropout = _set_dropout(config, plan.dropout)  # dropout modules read it when built
+    model = AutoModelForSequenceClassification.from_pretrained(start, config=config)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = _trainer(
+            model, tokenizer, data, Path(scratch),
+            learning_rate=plan.learning_rate, per_device_train_batch_size=spec.batch_size,
+            num_train_epochs=spec.epochs, seed=plan.seed, data_seed=plan.seed, save_strategy="no",
+        )  # fmt: skip
+        loss = float(trainer.train().training_loss)
+    # Members share one config (the init's dropout), so they merge without config overrides.
+    for field, value in saved_dropout.items():
+        setattr(model.config, field, value)
+    result = MemberResult(
+        plan=plan,
+        path=str(spec.out / plan.name),
+        key=key,
+        train_loss=loss,
+        val_accuracy=accuracy(model, tokenizer, val, spec),
+    )
+    _save_atomic(
+        model, tokenizer, spec.out / plan.name, {MEMBER_FILE: result.model_dump_json(indent=2)}
+    )
+    return result
+
+
+def _cached(spec: FinetuneSpec, plan: MemberPlan, key: str) -> MemberResult | None:
+    path = spec.out / plan.name / MEMBER_FILE
+    if not path.is_file():
+        return None
+    result = MemberResult.model_validate_json(path.read_text())
+    return result if result.key == key else None
+
+
+def finetune(
+    spec: FinetuneSpec,
+    train: Sequence[Preference],
+    val: Sequence[Preference],
+    *,
+    log: Log = lambda _m: None,
+) -> FinetuneReport:
+    """Train (or reuse) every member, rank them on `val`, merge the best `keep` into warm/."""
+    from transformers import AutoTokenizer
+
+    if not train or not val:
+        raise ValueError(f"need training and validation pairs (got {len(train)} and {len(val)})")
+    init = make_init(spec)
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    data = encode_pairs(tokenizer, train, spec)
+    data_key = _key([p.model_dump() for p in train], [p.model_dump() for p in val])
+    plans = plan_members(spec)
+    starts = _baklava_inits(spec, init, data, plans)
+    results = []
+    for plan in plans:
+        start = starts[plan.init_step]
+        key = _key(
+            plan.model_dump(),
+            _dir_key(start),
+            data_key,
+            spec.epochs,
+            spec.batch_size,
+            spec.max_length,
+            spec.separator,
+        )
+        result = _cached(spec, plan, key)
+        if result is None:
+            log(
+                f"{plan.name}: lr {plan.learning_rate:g}, dropout {plan.dropout:g}, "
+                f"seed {plan.seed}, from step {plan.init_step}"
+            )
+            result = train_member(plan, start, data, val, spec, key)
+        log(f"{plan.name}: held-out accuracy {result.val_accuracy:.3f}")
+        results.append(result)
+    ranking = rank(results)
+    kept = ranking[: spec.keep or spec.members]
+    artifact = None
+    if spec.merge:
+        artifact = spec.out / "warm"
+        inputs = tuple(Path(r.path) for r in kept)
+        run_merge(plan_merge(MergeSpec(inputs=inputs)), artifact, overwrite=True)
+    report = FinetuneReport(
+        init=str(init),
+        train_pairs=len(train),
+        val_pairs=len(val),
+        ranking=ranking,
+        kept=[r.plan.name for r in kept],
+        artifact=str(artifact) if artifact else None,
+    )
+    tmp = spec.out / f".{REPORT_FILE}.tmp"
+    tmp.write_text(report.model_dump_json(indent=2))
+    tmp.replace(spec.out / REPORT_FILE)
+    return report

@@ -1,0 +1,159 @@
+"""`warm-merge finetune`: diverse members from one init, ranked, the best merged (tiny BERT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from transformers import BertConfig
+from typer.testing import CliRunner
+
+from merger.cli import app
+from merger.finetune import (
+    MEMBER_FILE,
+    REPORT_FILE,
+    FinetuneSpec,
+    MemberPlan,
+    MemberResult,
+    _set_dropout,
+    finetune,
+    plan_members,
+    rank,
+)
+from merger.manifest import verify_artifact
+from merger.prefdata import generate, write_jsonl
+
+TRAIN = generate("train", 48, seed=0)
+VAL = generate("val", 24, seed=0)
+
+
+def spec_for(base: Path, out: Path, **kwargs: object) -> FinetuneSpec:
+    """A spec small enough for a test: a few steps per member."""
+    defaults: dict[str, object] = {"members": 3, "batch_size": 8, "max_length": 64}
+    return FinetuneSpec(base=base, out=out, **(defaults | kwargs))  # type: ignore[arg-type]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_members_cycle_through_the_grid_with_their_own_seeds(tmp_path: Path) -> None:
+    spec = FinetuneSpec(
+        base=tmp_path, out=tmp_path, members=5, learning_rates=(1e-4, 5e-5), dropouts=(0.1, 0.0),
+        seed=7, baklava_steps=3,
+    )  # fmt: skip
+    plans = plan_members(spec)
+    assert [(p.learning_rate, p.dropout) for p in plans] == [
+        (1e-4, 0.1), (1e-4, 0.0), (5e-5, 0.1), (5e-5, 0.0), (1e-4, 0.1),
+    ]  # fmt: skip
+    assert [p.seed for p in plans] == [8, 9, 10, 11, 12]
+    assert [p.init_step for p in plans] == [0, 3, 6, 9, 12]
+    assert [p.name for p in plans] == [f"member-{i}" for i in range(5)]
+
+
+def test_rank_puts_the_best_first_and_keeps_member_order_on_ties() -> None:
+    def result(name: str, acc: float) -> MemberResult:
+        plan = MemberPlan(name=name, learning_rate=1e-4, dropout=0.0, seed=1, init_step=0)
+        return MemberResult(plan=plan, path=name, key="k", train_loss=0.5, val_accuracy=acc)
+
+    ranked = rank([result("a", 0.6), result("b", 0.8), result("c", 0.6), result("d", 0.9)])
+    assert [r.plan.name for r in ranked] == ["d", "b", "a", "c"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"members": 2, "keep": 3}, "keep \\(3\\) exceeds members \\(2\\)"),
+        ({"learning_rates": (0.0,)}, "learning rate 0.0 is outside"),
+        ({"dropouts": (1.0,)}, "dropout 1.0 is outside"),
+        ({"members": 0}, "members"),
+        ({"learning_rates": ()}, "learning_rates"),
+    ],
+)
+def test_bad_specs_are_refused(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        FinetuneSpec(base=tmp_path, out=tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_set_dropout_sets_every_dropout_field_and_returns_the_old_values() -> None:
+    config = BertConfig(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)
+    old = _set_dropout(config, 0.3)
+    assert old == {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.2}
+    assert config.hidden_dropout_prob == 0.3 and config.attention_probs_dropout_prob == 0.3
+
+
+def test_finetune_trains_ranks_merges_and_reuses(tmp_path: Path, bert_rm: Path) -> None:
+    spec = spec_for(bert_rm, tmp_path / "out", keep=2)
+    logs: list[str] = []
+    report = finetune(spec, TRAIN, VAL, log=logs.append)
+
+    init = weights(tmp_path / "out" / "init")
+    members = {r.plan.name: weights(Path(r.path)) for r in report.ranking}
+    assert len(members) == 3
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    for state in members.values():  # every member moved away from the shared init ...
+        assert not torch.equal(state[name], init[name])
+    a, b, c = members.values()  # ... and away from each other (lr, dropout, order differ)
+    assert not torch.equal(a[name], b[name]) and not torch.equal(b[name], c[name])
+
+    accs = [r.val_accuracy for r in report.ranking]
+    assert accs == sorted(accs, reverse=True) and all(0 <= x <= 1 for x in accs)
+    assert report.kept == [r.plan.name for r in report.ranking[:2]]
+    # The artifact is the uniform average of the two kept members.
+    assert report.artifact is not None
+    verify_artifact(Path(report.artifact))
+    merged = load_file(str(next(Path(report.artifact).glob("*.safetensors"))))
+    kept = [members[k] for k in report.kept]
+    torch.testing.assert_close(merged[name], (kept[0][name] + kept[1][name]) / 2)
+    # Members share the init's config (training-time dropout is recorded, not saved).
+    configs = {(Path(r.path) / "config.json").read_text() for r in report.ranking}
+    assert len(configs) == 1
+    assert (tmp_path / "out" / REPORT_FILE).is_file()
+    assert (Path(report.ranking[0].path) / MEMBER_FILE).is_file()
+    assert sum("lr " in line for line in logs) == 3
+
+    # A rerun with the same inputs trains nothing; a changed grid retrains what changed.
+    logs.clear()
+    again = finetune(spec, TRAIN, VAL, log=logs.append)
+    assert sum("lr " in line for line in logs) == 0
+    assert [r.val_accuracy for r in again.ranking] == accs
+    logs.clear()
+    finetune(
+        spec_for(bert_rm, tmp_path / "out", keep=2, dropouts=(0.1, 0.2)),
+        TRAIN,
+        VAL,
+        log=logs.append,
+    )
+    assert [line.split(":")[0] for line in logs if "lr " in line] == ["member-1"]
+
+
+def test_baklava_members_start_from_checkpoints_of_one_run(tmp_path: Path, bert_rm: Path) -> None:
+    spec = spec_for(bert_rm, tmp_path / "out", members=3, baklava_steps=2, merge=False)
+    report = finetune(spec, TRAIN, VAL)
+    out = tmp_path / "out"
+    step2, step4 = weights(out / "baklava" / "step-2"), weights(out / "baklava" / "step-4")
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(step2[name], step4[name])
+    assert sorted(r.plan.init_step for r in report.ranking) == [0, 2, 4]
+    assert report.artifact is None and not (out / "warm").exists()
+
+
+def test_command_line(tmp_path: Path, bert_rm: Path) -> None:
+    train, val = (
+        write_jsonl(TRAIN, tmp_path / "train.jsonl"),
+        write_jsonl(VAL, tmp_path / "val.jsonl"),
+    )
+    args = [
+        "finetune", "--data", str(train), "--val", str(val), "--out", str(tmp_path / "o"),
+        "--base", str(bert_rm), "--members", "2", "--batch-size", "8", "--max-length", "64",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "member-0" in result.output and "WARM artifact of 2 members" in result.output
+    bad = CliRunner().invoke(app, [*args, "--lr", "fast"])
+    assert bad.exit_code == 1 and "--lr: 'fast' is not a comma-separated list" in bad.output
+    worse = CliRunner().invoke(app, [*args, "--keep", "5"])
+    assert worse.exit_code == 1 and "keep (5) exceeds members (2)" in worse.output
