@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +29,7 @@ from merger.checkpoints import Checkpoint, check_compatible, open_checkpoint
 from merger.errors import MergeError
 from merger.formatting import DEFAULT_SEPARATOR, render
 from merger.methods import weighted_average
+from merger.writer import atomic_file
 
 JSON_NAME = "diagnose.json"
 PNG_NAME = "diagnose.png"
@@ -299,21 +297,6 @@ def diagnose(
     )
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[IO[bytes]]:
-    """A temporary sibling of `path`, fsynced and renamed over it only on success."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plot(diag: Diagnosis, fh: IO[bytes]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -345,8 +328,8 @@ def write_report(diag: Diagnosis, out_dir: Path) -> tuple[Path, Path]:
     """Write diagnose.json and diagnose.png into out_dir, each atomically; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / JSON_NAME, out_dir / PNG_NAME
-    with _atomic(json_path) as fh:
+    with atomic_file(json_path) as fh:
         fh.write((diag.model_dump_json(indent=2) + "\n").encode())
-    with _atomic(png_path) as fh:
+    with atomic_file(png_path) as fh:
         _plot(diag, fh)
     return json_path, png_path

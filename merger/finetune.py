@@ -39,6 +39,7 @@ from merger.build import plan_merge, run_merge
 from merger.config import MergeSpec
 from merger.diagnose import Preference, pairwise_accuracy, rewards_of, tokenize_texts
 from merger.formatting import DEFAULT_SEPARATOR, render
+from merger.writer import atomic_file
 
 MEMBER_FILE = "member.json"
 REPORT_FILE = "finetune.json"
@@ -105,7 +106,7 @@ class MemberPlan(BaseModel):
     init_step: int = Field(description="Shared-run step it starts from (0: the shared init).")
 
 
-class MemberResult(BaseModel):
+class TrainedMember(BaseModel):
     """A trained member: its plan, where it is and its held-out accuracy."""
 
     plan: MemberPlan
@@ -121,7 +122,7 @@ class FinetuneReport(BaseModel):
     init: str
     train_pairs: int
     val_pairs: int
-    ranking: list[MemberResult] = Field(description="Best held-out accuracy first.")
+    ranking: list[TrainedMember] = Field(description="Best held-out accuracy first.")
     kept: list[str]
     artifact: str | None
 
@@ -141,7 +142,7 @@ def plan_members(spec: FinetuneSpec) -> list[MemberPlan]:
     ]
 
 
-def rank(results: Sequence[MemberResult]) -> list[MemberResult]:
+def rank(results: Sequence[TrainedMember]) -> list[TrainedMember]:
     """Best held-out accuracy first; ties keep member order."""
     return sorted(results, key=lambda r: -r.val_accuracy)
 
@@ -292,7 +293,7 @@ def train_member(
     val: Sequence[Preference],
     spec: FinetuneSpec,
     key: str,
-) -> MemberResult:
+) -> TrainedMember:
     """Fine-tune one member from `start` and write it atomically to <out>/<name>."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -310,7 +311,7 @@ def train_member(
     # Members share one config (the init's dropout), so they merge without config overrides.
     for field, value in saved_dropout.items():
         setattr(model.config, field, value)
-    result = MemberResult(
+    result = TrainedMember(
         plan=plan,
         path=str(spec.out / plan.name),
         key=key,
@@ -323,11 +324,11 @@ def train_member(
     return result
 
 
-def _cached(spec: FinetuneSpec, plan: MemberPlan, key: str) -> MemberResult | None:
+def _cached(spec: FinetuneSpec, plan: MemberPlan, key: str) -> TrainedMember | None:
     path = spec.out / plan.name / MEMBER_FILE
     if not path.is_file():
         return None
-    result = MemberResult.model_validate_json(path.read_text())
+    result = TrainedMember.model_validate_json(path.read_text())
     return result if result.key == key else None
 
 
@@ -385,7 +386,6 @@ def finetune(
         kept=[r.plan.name for r in kept],
         artifact=str(artifact) if artifact else None,
     )
-    tmp = spec.out / f".{REPORT_FILE}.tmp"
-    tmp.write_text(report.model_dump_json(indent=2))
-    tmp.replace(spec.out / REPORT_FILE)
+    with atomic_file(spec.out / REPORT_FILE) as fh:
+        fh.write(report.model_dump_json(indent=2).encode())
     return report

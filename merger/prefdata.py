@@ -25,10 +25,8 @@ annotator disagreement beyond uniform random flips, and multi-turn dialogue.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +34,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from merger.writer import atomic_file
 
 Split = Literal["train", "val", "ood"]
 SPLITS: tuple[Split, ...] = ("train", "val", "ood")
@@ -380,17 +380,9 @@ def sample_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
 def write_jsonl(pairs: Iterable[PrefPair], path: Path | str) -> Path:
     """Write one JSON object per pair atomically: the file appears whole or not at all."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for pair in pairs:
-                fh.write(pair.model_dump_json() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        for pair in pairs:
+            fh.write((pair.model_dump_json() + "\n").encode())
     return path
 
 

@@ -17,7 +17,7 @@ from merger.finetune import (
     REPORT_FILE,
     FinetuneSpec,
     MemberPlan,
-    MemberResult,
+    TrainedMember,
     _set_dropout,
     finetune,
     plan_members,
@@ -55,9 +55,9 @@ def test_members_cycle_through_the_grid_with_their_own_seeds(tmp_path: Path) -> 
 
 
 def test_rank_puts_the_best_first_and_keeps_member_order_on_ties() -> None:
-    def result(name: str, acc: float) -> MemberResult:
+    def result(name: str, acc: float) -> TrainedMember:
         plan = MemberPlan(name=name, learning_rate=1e-4, dropout=0.0, seed=1, init_step=0)
-        return MemberResult(plan=plan, path=name, key="k", train_loss=0.5, val_accuracy=acc)
+        return TrainedMember(plan=plan, path=name, key="k", train_loss=0.5, val_accuracy=acc)
 
     ranked = rank([result("a", 0.6), result("b", 0.8), result("c", 0.6), result("d", 0.9)])
     assert [r.plan.name for r in ranked] == ["d", "b", "a", "c"]
