@@ -97,7 +97,14 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout_s: float =
             raise FetchError(f"GET {url}: SHA-256 {actual} does not match the expected {sha256}")
         model = unpack(archive, work / "unpacked")
         check_model(model)
-        model.rename(dest)
+        try:
+            model.rename(dest)
+        except OSError:
+            if not dest.exists():
+                raise
+            # Another pod on a shared volume placed it first: keep theirs if it is usable.
+            check_model(dest)
+            return False
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return True

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,11 +28,13 @@ class Store:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[dict[str, str]] = []
+        self.on_get: Callable[[], None] = lambda: None
         store = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 store.requests.append({k.lower(): v for k, v in self.headers.items()})
+                store.on_get()
                 body = store.files.get(self.path)
                 self.send_response(200 if body is not None else 404)
                 self.send_header("content-length", str(len(body or b"")))
@@ -151,6 +154,17 @@ def test_refuses_bad_downloads_and_leaves_nothing_behind(
     with pytest.raises(FetchError, match=message):
         fetch(f"{store.url}/rm", dest, sha256=sha)
     assert list(dest.parent.iterdir()) == []
+
+
+def test_another_pod_placing_the_model_first_is_not_an_error(
+    store: Store, gpt2_rm: Path, tmp_path: Path
+) -> None:
+    store.files["/rm.tar.gz"] = tar_of(gpt2_rm)
+    dest = tmp_path / "rm"
+    store.on_get = lambda: shutil.copytree(gpt2_rm, dest) and None  # a pod on the same volume
+    assert not fetch(f"{store.url}/rm.tar.gz", dest)
+    assert (dest / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["rm"]
 
 
 def test_an_existing_directory_that_is_not_a_model_is_an_error(tmp_path: Path) -> None:
