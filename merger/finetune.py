@@ -30,14 +30,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merger.build import plan_merge, run_merge
 from merger.config import MergeSpec
-from merger.diagnose import Preference, pairwise_accuracy, rewards_of, tokenize_texts
+from merger.diagnose import pairwise_accuracy, rewards_of, tokenize_texts
 from merger.formatting import DEFAULT_SEPARATOR, render
 from merger.writer import atomic_file
 
@@ -58,6 +58,21 @@ DROPOUT_FIELDS = (
 )
 
 Log = Callable[[str], None]
+
+
+class Pair(Protocol):
+    """A preference pair: `merger.diagnose.Preference`, `merger.prefdata.PrefPair`, ..."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def chosen(self) -> str: ...
+    @property
+    def rejected(self) -> str: ...
+
+
+def _pair_key(pairs: Sequence[Pair]) -> list[dict[str, str]]:
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
 
 
 class FinetuneSpec(BaseModel):
@@ -200,7 +215,7 @@ def make_init(spec: FinetuneSpec) -> Path:
     return dest
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[Preference], spec: FinetuneSpec) -> Any:
+def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], spec: FinetuneSpec) -> Any:
     """A datasets.Dataset of chosen_ids / rejected_ids, rendered and cut as the service does."""
     from datasets import Dataset
 
@@ -217,25 +232,47 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Preference], spec: FinetuneSpec
     return Dataset.from_list(rows)
 
 
-def accuracy(model: Any, tokenizer: Any, pairs: Sequence[Preference], spec: FinetuneSpec) -> float:
-    """Held-out pairwise accuracy: the share of pairs whose chosen response scores higher."""
+def pair_rewards(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Pair],
+    *,
+    max_length: int = 128,
+    separator: str = DEFAULT_SEPARATOR,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and of the rejected responses (each [N], fp32), as served."""
     texts = [
-        render(tokenizer, prompt=p.prompt, response=response, separator=spec.separator)
+        render(tokenizer, prompt=p.prompt, response=response, separator=separator)
         for responses in ([p.chosen for p in pairs], [p.rejected for p in pairs])
         for p, response in zip(pairs, responses, strict=True)
     ]
     tokenizer.truncation_side = "left"
-    rewards = rewards_of(model.eval(), tokenize_texts(tokenizer, texts, 64, spec.max_length))
-    n = len(pairs)
-    return pairwise_accuracy(rewards[:n], rewards[n:])
+    rewards = rewards_of(model.eval(), tokenize_texts(tokenizer, texts, batch_size, max_length))
+    return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+def accuracy(model: Any, tokenizer: Any, pairs: Sequence[Pair], spec: FinetuneSpec) -> float:
+    """Held-out pairwise accuracy: the share of pairs whose chosen response scores higher."""
+    chosen, rejected = pair_rewards(
+        model, tokenizer, pairs, max_length=spec.max_length, separator=spec.separator
+    )
+    return pairwise_accuracy(chosen, rejected)
+
+
+def _quiet_transformers() -> None:
+    """No load reports, progress bars or per-run metric dicts: `log` says what happens."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _trainer(model: Any, tokenizer: Any, data: Any, out: Path, **args: Any) -> Any:
-    from transformers.utils import logging as hf_logging
+    from transformers import PrinterCallback
     from trl.trainer.reward_config import RewardConfig
     from trl.trainer.reward_trainer import RewardTrainer
 
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     config = RewardConfig(
         output_dir=str(out),
         disable_dropout=False,  # dropout is one of the diversity knobs
@@ -248,7 +285,11 @@ def _trainer(model: Any, tokenizer: Any, data: Any, out: Path, **args: Any) -> A
         logging_steps=10**9,
         **args,
     )
-    return RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer = RewardTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer
+    )
+    trainer.remove_callback(PrinterCallback)  # with tqdm off, it prints every metric dict
+    return trainer
 
 
 def _baklava_inits(
@@ -290,7 +331,7 @@ def train_member(
     plan: MemberPlan,
     start: Path,
     data: Any,
-    val: Sequence[Preference],
+    val: Sequence[Pair],
     spec: FinetuneSpec,
     key: str,
 ) -> TrainedMember:
@@ -329,13 +370,15 @@ def _cached(spec: FinetuneSpec, plan: MemberPlan, key: str) -> TrainedMember | N
     if not path.is_file():
         return None
     result = TrainedMember.model_validate_json(path.read_text())
-    return result if result.key == key else None
+    if result.key != key:
+        return None
+    return result.model_copy(update={"path": str(path.parent)})  # the directory may have moved
 
 
 def finetune(
     spec: FinetuneSpec,
-    train: Sequence[Preference],
-    val: Sequence[Preference],
+    train: Sequence[Pair],
+    val: Sequence[Pair],
     *,
     log: Log = lambda _m: None,
 ) -> FinetuneReport:
@@ -344,10 +387,11 @@ def finetune(
 
     if not train or not val:
         raise ValueError(f"need training and validation pairs (got {len(train)} and {len(val)})")
+    _quiet_transformers()
     init = make_init(spec)
     tokenizer = AutoTokenizer.from_pretrained(init)
     data = encode_pairs(tokenizer, train, spec)
-    data_key = _key([p.model_dump() for p in train], [p.model_dump() for p in val])
+    data_key = _key(_pair_key(train), _pair_key(val))
     plans = plan_members(spec)
     starts = _baklava_inits(spec, init, data, plans)
     results = []

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
 from service.app import create_app
-from service.loader import LoadError, check_model_dir
+from service.loader import LoadError, resolve_model
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `warm-serve`."""
     settings = parse(sys.argv[1:] if argv is None else argv)
     try:
-        check_model_dir(settings.model)
+        resolve_model(settings.model)
     except LoadError as error:
         print(f"warm-serve: {error}", file=sys.stderr)
         raise SystemExit(2) from None

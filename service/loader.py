@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from merger.checkpoints import TOKENIZER_FILES, sha256_file
+from merger.demo import demo_artifact
 from merger.errors import VerifyError
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from service.backends.base import Backend
@@ -27,9 +28,11 @@ log = logging.getLogger(__name__)
 
 NO_MODEL = (
     "no model given: pass --model DIR (or set WARM_MODEL) to a WARM artifact made by "
-    "`warm-merge build` or to a Hugging Face *ForSequenceClassification directory; "
-    "`make demo` builds one in .cache/demo/warm"
+    "`warm-merge build` or to a Hugging Face *ForSequenceClassification directory. "
+    "The embedded default, the demo's WARM reward model, is not built yet at {default}: "
+    "`make demo` (or `python -m merger.demo`) builds it once, in about 4 minutes on 2 CPU cores"
 )
+DEFAULT_MODEL_ID = "warm-demo"
 CALIBRATION_LENGTH = 128
 TUNE_TOLERANCE = 0.03
 
@@ -51,10 +54,18 @@ class LoadedModel:
     batch_tokens: int
 
 
-def check_model_dir(model: Path | None) -> Path:
+def resolve_model(model: Path | None) -> Path:
+    """The directory to serve: `model`, or the embedded default (the `make demo` artifact)."""
+    if model is not None:
+        return check_model_dir(model)
+    default = demo_artifact()
+    if not (default / MANIFEST_NAME).is_file():
+        raise LoadError(NO_MODEL.format(default=default))
+    return check_model_dir(default)
+
+
+def check_model_dir(model: Path) -> Path:
     """The model directory, or a LoadError saying what is wrong with it."""
-    if model is None:
-        raise LoadError(NO_MODEL)
     if not model.is_dir():
         raise LoadError(f"{model}: not a directory")
     if not (model / "config.json").is_file():
@@ -91,7 +102,7 @@ def model_limit(tokenizer: Any, config: Any) -> int | None:
 
 def load_model(settings: Settings) -> LoadedModel:
     """Load, check and warm up the model the settings name (blocking; call from a thread)."""
-    model_dir = check_model_dir(settings.model)
+    model_dir = resolve_model(settings.model)
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     code = settings.trust_remote_code
     try:
@@ -137,7 +148,8 @@ def load_model(settings: Settings) -> LoadedModel:
         overhead = measured.overhead_tokens if overhead is None else overhead
         budget = measured.batch_tokens if settings.tune_batch_tokens else budget
     return LoadedModel(
-        model_id=settings.model_id or model_dir.resolve().name,
+        model_id=settings.model_id
+        or (model_dir.resolve().name if settings.model else DEFAULT_MODEL_ID),
         fingerprint=fingerprint,
         manifest=manifest,
         backend=backend,

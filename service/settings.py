@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     model: Path | None = Field(
         None,
         description="Reward-model directory: a WARM artifact or any Hugging Face "
-        "*ForSequenceClassification directory with safetensors weights.",
+        "*ForSequenceClassification directory with safetensors weights (default: the "
+        "embedded demo WARM model that `make demo` builds).",
     )
     model_id: str | None = Field(
         None, description="Name the API reports for the model (default: the directory name)."

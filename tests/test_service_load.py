@@ -247,13 +247,16 @@ def test_sigterm_stops_readiness_finishes_in_flight_work_and_exits_cleanly(
         httpx.get(f"{url}/health")
 
 
-def test_warm_serve_without_a_model_says_how_to_pass_one() -> None:
+def test_warm_serve_without_a_model_or_a_built_demo_says_how_to_get_one(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARM_")}
+    env["WARM_DEMO_DIR"] = str(tmp_path / "demo")  # the embedded default is not built here
     result = subprocess.run(
         [sys.executable, "-m", "service.cli"], env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode == 2
     assert "no model given: pass --model DIR" in result.stderr
+    assert f"not built yet at {tmp_path / 'demo' / 'warm'}" in result.stderr
+    assert "make demo" in result.stderr
 
 
 def test_a_backend_returning_the_wrong_shape_fails_its_batch_cleanly(gpt2_rm: Path) -> None:
