@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint typecheck unit clean bench-serve bench-rl
+.PHONY: demo test lint typecheck unit clean bench-serve bench-rl bench-warm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-serve: $(STAMP) $(VLLM_ENV)/.installed
 
 bench-rl: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/rl_step_bench.py --append
+
+# The WARM paper's claims at small scale (under an hour on 2 cores): benchmarks/warm_repro.
+bench-warm: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/warm_repro/run.py --append
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

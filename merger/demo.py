@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 MEMBERS = 4
-TRAIN_PAIRS = 320
+TRAIN_PAIRS = 384
+BATCH_SIZE = 8
 EVAL_PAIRS = 128
 LEARNING_RATES = (3e-4, 2e-4)
 DROPOUTS = (0.1, 0.0)
@@ -123,6 +124,7 @@ def train(root: Path) -> Any:
         learning_rates=LEARNING_RATES,
         dropouts=DROPOUTS,
         max_length=MAX_LENGTH,
+        batch_size=BATCH_SIZE,
     )
     return finetune(spec, train_pairs, val_pairs, log=lambda m: console.print(f"  {m}"))
 
