@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.api import api, probes
-from service.errors import TYPE_OF_STATUS, ErrorType, ServiceError, envelope
+from service.errors import TYPE_OF_STATUS, ErrorType, ServiceError, envelope, invalid_request
 from service.loader import LoadedModel
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
@@ -71,16 +71,7 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = []
-    for err in exc.errors():
-        where = "".join(
-            f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
-        ).lstrip(".")
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "json_invalid":
-            where, message = "body", f"invalid JSON ({err.get('ctx', {}).get('error', message)})"
-        problems.append(f"{where or 'body'}: {message}")
-    return _respond(request, ServiceError(ErrorType.INVALID_REQUEST, "; ".join(problems)))
+    return _respond(request, invalid_request(exc.errors()))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

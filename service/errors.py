@@ -6,6 +6,7 @@ Every error leaves the service as `{"error": {"type": ..., "message": ...}}`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -78,3 +79,17 @@ class ServiceError(Exception):
 def envelope(type: ErrorType, message: str) -> dict[str, Any]:
     """The JSON body of every error response."""
     return {"error": {"type": type.value, "message": message}}
+
+
+def invalid_request(errors: Sequence[Mapping[str, Any]]) -> ServiceError:
+    """A request body's validation errors (pydantic's `errors()`) as one 422 naming each."""
+    problems = []
+    for err in errors:
+        where = "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
+        ).lstrip(".")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "json_invalid":
+            where, message = "body", f"invalid JSON ({err.get('ctx', {}).get('error', message)})"
+        problems.append(f"{where or 'body'}: {message}")
+    return ServiceError(ErrorType.INVALID_REQUEST, "; ".join(problems))

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from merger import prefdata
-from service.errors import TYPE_OF_STATUS, ErrorType, ServiceError, envelope
+from service.errors import TYPE_OF_STATUS, ErrorType, ServiceError, envelope, invalid_request
 from service.protocol import (
     FINGERPRINT_HEADER,
     Item,
@@ -123,16 +123,7 @@ async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
 async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     """A request body that does not parse: 422 naming each problem, as warm-serve does."""
     assert isinstance(exc, RequestValidationError)
-    problems = []
-    for err in exc.errors():
-        where = "".join(
-            f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
-        ).lstrip(".")
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "json_invalid":
-            where, message = "body", f"invalid JSON ({err.get('ctx', {}).get('error', message)})"
-        problems.append(f"{where or 'body'}: {message}")
-    return error_response(ServiceError(ErrorType.INVALID_REQUEST, "; ".join(problems)))
+    return error_response(invalid_request(exc.errors()))
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
