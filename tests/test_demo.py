@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def run_demo(demo_dir: Path) -> str:
     env = {**os.environ, "WARM_DEMO_DIR": str(demo_dir), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
@@ -22,6 +24,7 @@ def run_demo(demo_dir: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.timeout(1800)  # two demo runs; the first fine-tunes 4 MiniLM RMs on the CPU
 def test_demo_finetunes_merges_serves_and_ranks_then_reuses_its_cache(tmp_path: Path) -> None:
     out = run_demo(tmp_path)
     assert out.count("from step 0") == 4  # four members trained

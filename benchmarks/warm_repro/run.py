@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="Append to RESULTS.md.")
     args = parser.parse_args()
     started = time.perf_counter()
+    commit = subprocess.run(  # the code that runs, not whatever HEAD is when it ends
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     results = run(args)
     results["total_s"] = round(time.perf_counter() - started, 1)
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
@@ -163,9 +166,6 @@ def main() -> None:
         "rl": plots.rl(results["rl"], args.figures / f"{prefix}_rl.png"),
     }
     command = " ".join(["python", "benchmarks/warm_repro/run.py", *sys.argv[1:]])
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     text = report.markdown(results, figures, BENCHMARKS, command, commit, platform.platform())
     print(text)
     if args.append:
