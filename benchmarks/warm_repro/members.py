@@ -24,7 +24,7 @@ import torch
 from merger import prefdata
 from merger.build import plan_merge, run_merge
 from merger.config import MergeSpec
-from merger.finetune import FinetuneReport, FinetuneSpec, finetune, pair_rewards
+from merger.finetune import FinetuneReport, FinetuneSpec, finetune, load_rm, pair_rewards
 from merger.manifest import MANIFEST_NAME
 from merger.prefdata import PrefPair
 
@@ -111,14 +111,6 @@ def warm_artifacts(report: FinetuneReport, sizes: Sequence[int], root: Path) -> 
             key_file.write_text(key)
         out[m] = dest
     return out
-
-
-def load_rm(path: Path) -> tuple[Any, Any]:
-    """A reward model (eval mode) and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 def margins(path: Path, pairs: Sequence[PrefPair], max_length: int) -> torch.Tensor:
