@@ -27,6 +27,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from merger.diagnose import margin_accuracy as accuracy
+
 MEMBERS = 4
 TRAIN_PAIRS = 384
 BATCH_SIZE = 8
@@ -95,11 +97,6 @@ def margins(path: Path, pairs: Sequence[Any]) -> torch.Tensor:
 
     chosen, rejected = pair_rewards(*load_rm(path), pairs, max_length=MAX_LENGTH)
     return chosen - rejected
-
-
-def accuracy(margin: torch.Tensor) -> float:
-    """The share of pairs ranked right; a tie counts one half."""
-    return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
 
 
 def train(root: Path) -> Any:

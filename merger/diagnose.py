@@ -121,6 +121,11 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return float(wins.mean())
 
 
+def margin_accuracy(margins: torch.Tensor) -> float:
+    """Fraction of reward margins (chosen - rejected) above 0; a tie counts 0.5."""
+    return pairwise_accuracy(margins, torch.zeros_like(margins))
+
+
 def agreement(margins_a: torch.Tensor, margins_b: torch.Tensor) -> float:
     """Fraction of pairs whose margins have the same sign (0 is a sign of its own)."""
     if margins_a.shape != margins_b.shape or margins_a.numel() == 0:

@@ -22,15 +22,11 @@ import torch
 from members import Data, Setup, margins, rewards
 
 from merger.diagnose import Preference, diagnose, lambda_grid
+from merger.diagnose import margin_accuracy as accuracy
 from merger.finetune import FinetuneReport
 from merger.prefdata import PrefPair, oracle
 
 BON_SIZES = (1, 2, 4, 8, 16, 32, 64)
-
-
-def accuracy(margin: torch.Tensor) -> float:
-    """The share of pairs ranked as labelled; a tie counts one half."""
-    return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
 
 
 def pick_pair(report: FinetuneReport) -> tuple[str, str]:

@@ -7,13 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_report import markdown_table
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
+
+def _table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    return markdown_table(header, rows).splitlines()
 
 
 def _interpolation(result: dict[str, Any]) -> list[str]:
@@ -46,19 +44,19 @@ def _interpolation(result: dict[str, Any]) -> list[str]:
         "barrier (max chord - WA)",
         "WA/ENS agreement",
     ]
-    return _table(header, rows)
+    return _table_lines(header, rows)
 
 
 def _corruption(result: dict[str, Any]) -> list[str]:
     rows = result["rows"]
     splits = list(next(iter(rows.values())))
-    return _table(
+    return _table_lines(
         ["model", *splits], [[name, *(f"{v[s]:.3f}" for s in splits)] for name, v in rows.items()]
     )
 
 
 def _best_of_n(result: dict[str, Any]) -> list[str]:
-    return _table(
+    return _table_lines(
         ["selector", *(f"N={n}" for n in result["n"])],
         [[name, *(f"{x:.3f}" for x in c)] for name, c in result["curves"].items()],
     )
@@ -87,7 +85,7 @@ def _rl(result: dict[str, Any]) -> list[str]:
         "KL, last 10 steps",
         f"final policy's control reward ({result['eval_samples']} held-out samples)",
     ]
-    return _table(header, rows)
+    return _table_lines(header, rows)
 
 
 def markdown(
@@ -109,7 +107,7 @@ def markdown(
         f"## WARM reproduction, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         f"- Command: `{command}` (commit {commit}; took {results['total_s'] / 60:.1f} min)",
-        f"- Machine: {os.cpu_count()} cores, {machine}",
+        f"- Machine: {machine}",
         f"- Reward models: {setup['members']} x MiniLM-L6 from one shared init, "
         f"{setup['train_pairs']} training pairs with {setup['noise']:.0%} flipped labels, "
         f"{setup['epochs']:g} epochs, lr {setup['learning_rates']}, dropout "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -24,9 +23,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+# bench_report (benchmarks/): the RESULTS.md helpers every benchmark shares.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import experiments
 import plots
 import report
+from bench_report import append_results, machine_description
 from members import Setup, cached_json, make_data, train_members, warm_artifacts
 from policy import make_policy, write_prompts
 from rl import RLSetup, rl_experiment
@@ -166,11 +169,10 @@ def main() -> None:
         "rl": plots.rl(results["rl"], args.figures / f"{prefix}_rl.png"),
     }
     command = " ".join(["python", "benchmarks/warm_repro/run.py", *sys.argv[1:]])
-    text = report.markdown(results, figures, BENCHMARKS, command, commit, platform.platform())
+    text = report.markdown(results, figures, BENCHMARKS, command, commit, machine_description())
     print(text)
     if args.append:
-        with (BENCHMARKS / "RESULTS.md").open("a") as fh:
-            fh.write("\n" + text)
+        append_results(BENCHMARKS / "RESULTS.md", text)
 
 
 if __name__ == "__main__":
