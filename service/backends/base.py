@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,5 +30,16 @@ class Backend(Protocol):
     def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Outputs of shape (len(sequences), num_labels), float64, in input order."""
 
+    def failure(self) -> str | None:
+        """Why the model can no longer serve at all (a dead engine process), else None."""
+
     def close(self) -> None:
         """Release the model's memory."""
+
+
+class ContinuousBackend(Backend, Protocol):
+    """A backend that batches by itself, continuously (vLLM's engine): items go straight in."""
+
+    def submit(self, sequences: Sequence[Sequence[int]]) -> Future[np.ndarray]:
+        """Start scoring `sequences` (callable from any thread); the future has `forward`'s
+        result. Cancelling the future withdraws the items still waiting in the backend."""

@@ -94,6 +94,10 @@ class TransformersBackend:
         outputs: np.ndarray = logits.to(torch.float64).cpu().numpy()
         return outputs
 
+    def failure(self) -> str | None:
+        """In-process: a failing forward fails its batch only, never the model."""
+        return None
+
     def close(self) -> None:
         """Drop the model and return cached device memory."""
         del self.model

