@@ -252,3 +252,11 @@ def append_results(path: Path, section: str) -> None:
         path.write_text(RESULTS_HEADER)
     with path.open("a") as f:
         f.write("\n" + section + "\n")
+
+
+def publish(path: Path, section: str, append: bool) -> None:
+    """Print a benchmark's section and, with `append`, add it to RESULTS.md."""
+    print("\n" + section)
+    if append:
+        append_results(path, section)
+        print(f"\nappended to {path}")

@@ -62,8 +62,8 @@ from bench_report import (
     Results,
     Row,
     ScanPoint,
-    append_results,
     machine_description,
+    publish,
     render,
 )
 from bench_workloads import LLAMA_FULL, LLAMA_QUICK, Workload, llama_workload, minilm_workload
@@ -275,9 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "(`--no-copy-tokenizer` for inputs without tokenizer files)",
         ],
     )
-    print("\n" + section)
-    append_results(RESULTS, section)
-    print(f"\nappended to {RESULTS}")
+    publish(RESULTS, section, append=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from bench_report import append_results, machine_description, markdown_table
+from bench_report import machine_description, markdown_table, publish
 from serve_bench import VLLM_READY_TIMEOUT_S, free_port, percentile, say, server, vllm_threads_env
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -292,10 +292,7 @@ def main() -> None:
         f"`{' '.join(VLLM)} --vllm-enable-prefix-caching false|true`",
     ]
     section = f"## Best-of-N prefix caching, {title}\n\n" + render(runs, rewards, context)
-    print("\n" + section)
-    if args.append:
-        append_results(RESULTS, section)
-        print(f"\nappended to {RESULTS}")
+    publish(RESULTS, section, args.append)
 
 
 if __name__ == "__main__":

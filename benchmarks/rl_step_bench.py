@@ -57,7 +57,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench_report import append_results, machine_description, markdown_table
+from bench_report import machine_description, markdown_table, publish
 from serve_bench import ensure_model, free_port, say, server, software
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -338,10 +338,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{threads}; both share the machine's cores",
         ],
     )
-    print("\n" + section)
-    if args.append:
-        append_results(RESULTS, section)
-        print(f"\nappended to {RESULTS}")
+    publish(RESULTS, section, args.append)
 
 
 if __name__ == "__main__":

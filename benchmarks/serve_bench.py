@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from bench_report import append_results, machine_description, markdown_table
+from bench_report import machine_description, markdown_table, publish
 from tokenizers import Tokenizer
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -1160,10 +1160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Servers: {'; '.join(servers)}",
         ],
     )
-    print("\n" + section)
-    if args.append:
-        append_results(RESULTS, section)
-        print(f"\nappended to {RESULTS}")
+    publish(RESULTS, section, args.append)
 
 
 if __name__ == "__main__":

@@ -183,16 +183,22 @@ def test_service_over_http_with_vllm(minilm_rm: Path, scheduler: str) -> None:
     assert ranked["best_index"] == reference_ranked["best_index"]
 
 
-def completed_requests() -> float:
-    """Engine requests vLLM finished with an output (not aborted), from its own metrics."""
+def engine_total(name: str, skip_reasons: frozenset[str] = frozenset()) -> float:
+    """A vLLM counter summed over its labels (but the `finished_reason`s skipped), from
+    vLLM's own metrics."""
     return sum(
         sample.value
         for family in REGISTRY.collect()
-        if family.name == "vllm:request_success"
+        if family.name == name
         for sample in family.samples
         if sample.name.endswith("_total")
-        and sample.labels.get("finished_reason") not in {"abort", "error"}
+        and sample.labels.get("finished_reason") not in skip_reasons
     )
+
+
+def completed_requests() -> float:
+    """Engine requests vLLM finished with an output (not aborted)."""
+    return engine_total("vllm:request_success", frozenset({"abort", "error"}))
 
 
 @pytest.mark.vllm
@@ -209,21 +215,12 @@ def test_a_cancelled_submission_is_aborted_in_the_engine(
     wait_until(lambda: engine.get_num_unfinished_requests() > 0, 30, "the items in the engine")
     assert future.cancel()
     wait_until(lambda: engine.get_num_unfinished_requests() == 0, 30, "the engine to drain")
-    assert 0 <= completed_requests() - before < n  # the rest was aborted, not computed
-    # The engine still serves afterwards.
+    completed = completed_requests() - before
+    assert completed < n  # the rest was aborted, not computed
+    # The engine still serves afterwards, and the counter read above is this engine's.
     one = backend.forward([encoded[0].ids])
     assert one.shape == (1, served.backend.info.num_labels) and np.isfinite(one).all()
-
-
-def prefix_cache_hits() -> float:
-    """Tokens vLLM found in its prefix cache so far, from its own metrics."""
-    return sum(
-        sample.value
-        for family in REGISTRY.collect()
-        if family.name == "vllm:prefix_cache_hits"
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    )
+    assert completed_requests() - before == completed + 1
 
 
 @pytest.mark.vllm
@@ -244,9 +241,9 @@ def test_best_of_n_candidates_share_one_computed_prompt(
         assert backend.prefix_caching
         prompt = [3 + (7 * i) % 250 for i in range(300)]
         candidates = [prompt + [3 + (11 * k + j) % 250 for j in range(5 + k)] for k in range(8)]
-        before = prefix_cache_hits()
+        before = engine_total("vllm:prefix_cache_hits")
         got = backend.forward(candidates)
-        hits = prefix_cache_hits() - before
+        hits = engine_total("vllm:prefix_cache_hits") - before
         # Submitted together, one candidate computes the prompt's 2 full blocks and the
         # other 7 find them cached (vLLM caches blocks as it schedules them).
         assert hits >= 7 * 2 * 128, hits
