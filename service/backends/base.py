@@ -1,4 +1,4 @@
-"""The interface between the batcher and a model: token ids in, reward-head outputs out."""
+"""The interface between the schedulers and a model: token ids in, reward-head outputs out."""
 
 from __future__ import annotations
 
