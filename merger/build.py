@@ -2,7 +2,8 @@
 
 Memory stays flat in M and in model size: one fp64 accumulator chunk and one input chunk
 at a time, read with pread into buffers reused for the whole merge.
-Input files are hashed on a background thread while the merge runs.
+A background thread hashes the input files while the merge runs, then hashes each output
+shard as it is written, so no byte is read twice for provenance.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 import math
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,15 @@ from merger.manifest import (
     manifest_bytes,
     shard_metadata,
 )
-from merger.methods import ACC_DTYPE, accumulate, liti_weights, round_to, slerp_task_vectors
+from merger.methods import (
+    ACC_DTYPE,
+    BufferPool,
+    Rounder,
+    accumulate,
+    liti_weights,
+    round_to,
+    slerp_task_vectors,
+)
 from merger.writer import (
     INDEX_NAME,
     AtomicDirectory,
@@ -143,29 +153,10 @@ def _row_chunks(info: TensorInfo, chunk_elements: int) -> Iterator[tuple[int, in
         yield start, min(start + step, info.shape[0])
 
 
-class _Buffers:
-    """Chunk buffers allocated once per merge: a fresh multi-MB allocation page-faults on
-    every chunk, which cost several times the arithmetic on the measured machine."""
-
-    def __init__(self, elements: int) -> None:
-        self.elements = elements
-        self._by_dtype: dict[torch.dtype, torch.Tensor] = {}
-
-    def get(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A view of shape `shape` over the reusable buffer for `dtype` (contents undefined)."""
-        n = math.prod(shape)
-        buf = self._by_dtype.get(dtype)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, self.elements), dtype=dtype)
-            self._by_dtype[dtype] = buf
-        return buf[:n].view(shape)
-
-
 @dataclass
 class _Context:
     plan: MergePlan
     reader: TensorReader
-    buffers: _Buffers
     progress: Progress
 
     def read_whole(self, info: TensorInfo) -> torch.Tensor:
@@ -176,20 +167,40 @@ class _Context:
         return out
 
 
-def _merge_average(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
-    terms = ctx.plan.sources()
-    total = math.fsum(w for _, w in terms)
-    ref = terms[0][0].tensors[target.name]
-    for rows in _row_chunks(ref, ctx.plan.spec.chunk_elements):
-        shape = ref.shape if rows is None else (rows[1] - rows[0], *ref.shape[1:])
-        acc = ctx.buffers.get(ACC_DTYPE, shape).zero_()
-        for ckpt, weight in terms:
+class _Averager:
+    """The weighted average, chunk by chunk, in buffers reused for the whole merge.
+
+    Chunks are sized to stay in a core's cache across the M inputs. The arithmetic runs on
+    one torch thread: the hashing thread has the other core (measured: a second torch
+    thread, or a second chunk worker, made the merge slower on two cores, not faster).
+    """
+
+    def __init__(self, ctx: _Context) -> None:
+        self._ctx = ctx
+        self._buffers = BufferPool(ctx.plan.spec.chunk_elements)
+        self._rounder = Rounder(self._buffers)
+        self._terms = ctx.plan.sources()
+        self._total = math.fsum(w for _, w in self._terms)
+
+    def write(self, target: PlannedTensor, writer: ShardWriter) -> None:
+        """Average `target` chunk by chunk and append it to `writer`."""
+        info = self._terms[0][0].tensors[target.name]
+        for rows in _row_chunks(info, self._ctx.plan.spec.chunk_elements):
+            shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+            writer.write(target.name, self._average(target, rows, shape))
+
+    def _average(
+        self, target: PlannedTensor, rows: tuple[int, int] | None, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        acc = self._buffers.get("acc", ACC_DTYPE, shape).zero_()
+        promoted = self._buffers.get("promoted", ACC_DTYPE, shape)
+        for ckpt, weight in self._terms:
             info = ckpt.tensors[target.name]
-            x = ctx.buffers.get(to_torch(info.dtype), shape)
-            ctx.reader.read(info, rows, x)
-            accumulate(acc, x, weight)
-            ctx.progress(x.nbytes)
-        writer.write(target.name, round_to(acc.div_(total), to_torch(target.dtype)))
+            x = self._buffers.get("input", to_torch(info.dtype), shape)
+            self._ctx.reader.read(info, rows, x)
+            accumulate(acc, x, weight, promoted)
+            self._ctx.progress(x.nbytes)
+        return self._rounder.round(acc.div_(self._total), to_torch(target.dtype))
 
 
 def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
@@ -265,42 +276,78 @@ def _output_config(plan: MergePlan) -> bytes | None:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _seal(
+    writer: ShardWriter,
+    plan: MergePlan,
+    hashing: Future[dict[Path, dict[str, str]]],
+    stop: threading.Event,
+) -> str:
+    # Queued behind the input hashing on the same thread, so their result is ready.
+    return writer.seal(shard_metadata(_record(plan, hashing.result())), stop)
+
+
+def _write_shard(ctx: _Context, averager: _Averager, shard: ShardPlan, writer: ShardWriter) -> None:
+    for target in shard.tensors:
+        if target.dtype not in FLOATING:
+            _copy_exact(ctx, target, writer)
+        elif ctx.plan.spec.method is Method.slerp:
+            _merge_slerp(ctx, target, writer)
+        else:
+            averager.write(target, writer)
+    writer.complete()
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_merge(
     plan: MergePlan, out: Path, *, overwrite: bool = False, progress: Progress | None = None
 ) -> Manifest:
-    """Write the artifact for `plan` atomically into `out`; return its manifest."""
+    """Write the artifact for `plan` atomically into `out`; return its manifest.
+
+    A background thread hashes the inputs, then each output shard as it is written (see
+    ShardWriter.seal); this thread reads, averages and writes.
+    """
     tick: Progress = progress or (lambda _n: None)
     inputs = [*plan.members, *([plan.init] if plan.init is not None else [])]
+    stop = threading.Event()
+    torch_threads = torch.get_num_threads() if plan.spec.method is Method.slerp else 1
     with (
-        ThreadPoolExecutor(max_workers=1) as pool,
+        _torch_threads(torch_threads),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-merge-hash") as background,
         TensorReader() as reader,
         AtomicDirectory(out, overwrite=overwrite) as tmp,
     ):
-        stop = threading.Event()
-        hashing: Future[dict[Path, dict[str, str]]] = pool.submit(_hash_inputs, inputs, stop)
+        hashing = background.submit(_hash_inputs, inputs, stop)
         draft = shard_metadata(_record(plan, None))
-        ctx = _Context(plan, reader, _Buffers(plan.spec.chunk_elements), tick)
+        ctx = _Context(plan, reader, tick)
+        averager = _Averager(ctx)
         writers: list[ShardWriter] = []
+        seals: list[Future[str]] = []
         try:
             for shard in plan.shards:
                 writer = ShardWriter(tmp.path / shard.name, shard, draft)
                 writers.append(writer)
-                for target in shard.tensors:
-                    if target.dtype not in FLOATING:
-                        _copy_exact(ctx, target, writer)
-                    elif plan.spec.method is Method.slerp:
-                        _merge_slerp(ctx, target, writer)
-                    else:
-                        _merge_average(ctx, target, writer)
+                seals.append(background.submit(_seal, writer, plan, hashing, stop))
+                _write_shard(ctx, averager, shard, writer)
+            digests = {w.path.name: seal.result() for w, seal in zip(writers, seals, strict=True)}
             record = _record(plan, hashing.result())
-            final = shard_metadata(record)
-            for writer in writers:
-                writer.finish(final)
         except BaseException:
+            stop.set()
             for writer in writers:
                 writer.abort()
-            stop.set()
+            wait(seals)
             raise
+        finally:
+            for writer in writers:
+                writer.close()
         if len(plan.shards) > 1:
             tmp.write_file(INDEX_NAME, index_json(plan.shards, {}))
         config = _output_config(plan)
@@ -309,7 +356,8 @@ def run_merge(
         for name, src in sorted(plan.members[0].aux_files.items()):
             if name != CONFIG_NAME:
                 tmp.write_file(name, src.read_bytes())
-        written = {p.name: sha256_file(p) for p in sorted(tmp.path.iterdir())}
+        others = (p for p in sorted(tmp.path.iterdir()) if p.name not in digests)
+        written = digests | {p.name: sha256_file(p) for p in others}
         manifest = build_manifest(record, written)
         tmp.write_file(MANIFEST_NAME, manifest_bytes(manifest))
     return manifest

@@ -15,7 +15,7 @@ from merger.dtypes import OUTPUT_DTYPES
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
 # Elements per accumulator chunk: small enough that one fp64 chunk stays in cache across
 # the M inputs, large enough that per-chunk file opens cost nothing measurable.
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
+DEFAULT_CHUNK_ELEMENTS = 1 << 16
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 # Every merge sums in fp64: the weighted sum of fp32/bf16/fp16 inputs with small integer
@@ -20,8 +22,16 @@ ACC_DTYPE = torch.float64
 _SLERP_EPS = 1e-6
 
 
-def accumulate(acc: torch.Tensor, x: torch.Tensor, weight: float) -> None:
-    """acc += weight * x, computed in acc's dtype (x is promoted, never rounded down)."""
+def accumulate(
+    acc: torch.Tensor, x: torch.Tensor, weight: float, scratch: torch.Tensor | None = None
+) -> None:
+    """acc += weight * x, computed in acc's dtype (x is promoted, never rounded down).
+
+    `scratch` (acc's dtype and shape) takes the promoted x: a converting copy followed by a
+    same-dtype add is about 3x faster than torch's mixed-dtype add, with the same result.
+    """
+    if scratch is not None and x.dtype != acc.dtype:
+        x = scratch.copy_(x)
     acc.add_(x, alpha=weight)
 
 
@@ -51,6 +61,7 @@ def liti_weights(weights: Sequence[float], eta: float) -> tuple[float, tuple[flo
 # (mask, pattern) of the fp32 bits that a 16-bit format drops, when they make an exact tie.
 _TIE_BITS = {torch.bfloat16: (0xFFFF, 0x8000), torch.float16: (0x1FFF, 0x1000)}
 _FP16_MIN_NORMAL = 2.0**-14  # below it fp16 drops more than 13 bits of an fp32
+_FP16_MIN_NORMAL_BITS = 0x38800000  # the fp32 bits of 2^-14
 
 
 def _round_via_odd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,18 +83,78 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     value lands on a 16-bit tie it did not start on. Those elements (about 2^-16 of them,
     plus fp16's subnormal range) are found by their fp32 bits and re-rounded via round-to-odd.
     """
-    if dtype not in _TIE_BITS:
-        return x.to(dtype)
-    r = x.to(torch.float32)
-    out = r.to(dtype)
-    mask, tie = _TIE_BITS[dtype]
-    suspect = (r.view(torch.int32) & mask) == tie
-    if dtype is torch.float16:
-        suspect |= r.abs() < _FP16_MIN_NORMAL
-    idx = suspect.nonzero(as_tuple=True)
-    if idx[0].numel():
-        out[idx] = _round_via_odd(x[idx], dtype)
-    return out
+    return Rounder(BufferPool(x.numel())).round(x, dtype)
+
+
+class BufferPool:
+    """Named buffers reused chunk after chunk: a fresh multi-MB temporary per chunk costs
+    more than the arithmetic on it (allocation and page faults) on the measured machine."""
+
+    def __init__(self, elements: int) -> None:
+        self.elements = elements
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._views: dict[tuple[str, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+        """A view of `shape` over buffer (`name`, `dtype`), grown on demand (contents undefined)."""
+        key = (name, dtype, tuple(shape))
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        n = math.prod(key[2])
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[name, dtype] = torch.empty(max(n, self.elements), dtype=dtype)
+            self._views = {k: v for k, v in self._views.items() if k[:2] != (name, dtype)}
+        view = self._views[key] = buf[:n].view(key[2])
+        return view
+
+
+class Rounder:
+    """`round_to` into buffers of a pool; a returned tensor is valid until the next call."""
+
+    def __init__(self, pool: BufferPool) -> None:
+        self._pool = pool
+
+    def round(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x (fp64) correctly rounded to `dtype`, in a reused buffer."""
+        x = x.contiguous()
+        if dtype not in _TIE_BITS:
+            return self._pool.get("rounded", dtype, x.shape).copy_(x)  # fp64 -> fp32: one rounding
+        r = self._pool.get("round-fp32", torch.float32, x.shape).copy_(x)
+        out = self._pool.get("rounded", dtype, x.shape).copy_(r)
+        idx = self._suspects(r, dtype)
+        if idx.size:
+            # Where the fp32 step was exact, the cast was a single rounding after all.
+            idx = idx[x.view(-1).numpy()[idx] != r.view(-1).numpy()[idx]]
+        if idx.size:
+            flat_idx = torch.from_numpy(idx)
+            out.view(-1)[flat_idx] = _round_via_odd(x.view(-1)[flat_idx], dtype)
+        return out
+
+    def _suspects(self, r: torch.Tensor, dtype: torch.dtype) -> npt.NDArray[np.int64]:
+        """Flat indexes where r (fp32) is on a `dtype` tie (or, for fp16, below its normals).
+
+        Integer reductions over the fp32 bits rule most chunks out without a bool mask.
+        """
+        bits = r.view(-1).view(torch.int32)
+        if not bits.numel():
+            return np.empty(0, dtype=np.int64)
+        mask, tie = _TIE_BITS[dtype]
+        distance = self._pool.get("round-tie", torch.int32, bits.shape)
+        torch.bitwise_and(bits, mask, out=distance).sub_(tie).abs_()  # 0 exactly on a tie
+        found = int(distance.min()) == 0
+        magnitude = None
+        if dtype is torch.float16:
+            magnitude = self._pool.get("round-magnitude", torch.int32, bits.shape)
+            torch.bitwise_and(bits, 0x7FFFFFFF, out=magnitude)  # |r| as bits
+            found = found or int(magnitude.min()) < _FP16_MIN_NORMAL_BITS
+        if not found:
+            return np.empty(0, dtype=np.int64)
+        suspect = distance.numpy() == 0
+        if magnitude is not None:
+            suspect |= magnitude.numpy() < _FP16_MIN_NORMAL_BITS
+        return np.flatnonzero(suspect)
 
 
 def slerp_pair(d1: torch.Tensor, d2: torch.Tensor, t: float) -> torch.Tensor:

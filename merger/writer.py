@@ -8,17 +8,19 @@ temporary directory beside the destination and renamed into place only when comp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, BinaryIO
+from typing import IO
 
 import torch
 
@@ -115,17 +117,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_FOLLOW_BLOCK = 8 << 20  # bytes read back per hash update while following a writer
+_FOLLOW_POLL_S = 0.1  # how often a waiting follower checks for cancellation
+
+
 class ShardWriter:
-    """Writes one shard's tensors in order, chunk by chunk; checks every byte count."""
+    """Writes one shard's tensors in order, chunk by chunk; checks every byte count.
+
+    The header's metadata is only final once the inputs are hashed, so the shard is written
+    with a draft header of the same length; `seal` (on another thread) writes the final one
+    and hashes the file while the tensors are still being appended, following the writer.
+    """
 
     def __init__(self, path: Path, shard: ShardPlan, metadata: dict[str, str]) -> None:
         self.path = path
         self.shard = shard
         self._header = safetensors_header(shard.tensors, metadata)
-        self._fh: BinaryIO = path.open("wb")
-        self._fh.write(self._header)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self._index = 0  # the tensor being written
         self._written = 0  # its bytes so far
+        self._end = 0  # bytes in the file
+        self._done = False
+        self._aborted = False
+        self._grown = threading.Condition()
+        self._append(memoryview(self._header))
+
+    def _append(self, data: memoryview) -> None:
+        done = 0
+        while done < data.nbytes:
+            done += os.write(self._fd, data[done:])
+        with self._grown:
+            self._end += data.nbytes
+            self._grown.notify_all()
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append the next chunk of tensor `name` (rows in order, the planned dtype)."""
@@ -141,31 +164,66 @@ class ShardWriter:
         self._written += data.nbytes
         if self._written > target.nbytes:
             raise MergeError(f"{self.path.name}: tensor {name} got more bytes than its shape holds")
-        self._fh.write(data.data)
+        self._append(data.data)
         if self._written == target.nbytes:
             self._index += 1
             self._written = 0
 
-    def finish(self, metadata: dict[str, str]) -> None:
-        """Check completeness, write the final metadata into the header, fsync and close."""
+    def complete(self) -> None:
+        """Check that every tensor was fully written; a follower may then finish."""
         if self._index != len(self.shard.tensors):
             missing = self.shard.tensors[self._index].name
             raise MergeError(f"{self.path.name}: tensor {missing} was not fully written")
+        with self._grown:
+            self._done = True
+            self._grown.notify_all()
+
+    def seal(self, metadata: dict[str, str], stop: threading.Event) -> str:
+        """Write the final header, hash the shard as it grows, fsync; return its SHA-256.
+
+        Runs beside the writer and returns once `complete` was called and every byte is
+        hashed; raises MergeError if the write is aborted or `stop` is set.
+        """
         header = safetensors_header(self.shard.tensors, metadata)
-        if header != self._header:
-            # Metadata values filled in late (input hashes) have fixed lengths, so the header
-            # keeps its size and the data offsets stay valid.
-            if len(header) != len(self._header):
-                raise MergeError(f"{self.path.name}: final header changed size")
-            self._fh.seek(0)
-            self._fh.write(header)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        # Metadata values filled in late (input hashes) have fixed lengths, so the header
+        # keeps its size and the data offsets stay valid.
+        if len(header) != len(self._header):
+            raise MergeError(f"{self.path.name}: final header changed size")
+        if os.pwrite(self._fd, header, 0) != len(header):
+            raise MergeError(f"{self.path.name}: short write of the final header")
+        digest = hashlib.sha256(header)
+        block = bytearray(_FOLLOW_BLOCK)
+        pos = len(header)
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(pos)
+            while True:
+                with self._grown:
+                    while pos == self._end and not (self._done or self._aborted or stop.is_set()):
+                        self._grown.wait(_FOLLOW_POLL_S)
+                    end, done = self._end, self._done
+                if self._aborted or stop.is_set():
+                    raise MergeError(f"{self.path.name}: write aborted")
+                if pos == end and done:
+                    break
+                n = fh.readinto(memoryview(block)[: min(end - pos, _FOLLOW_BLOCK)])
+                if not n:
+                    raise MergeError(f"{self.path.name}: shorter than written")
+                digest.update(memoryview(block)[:n])
+                pos += n
+        os.fsync(self._fd)
+        return digest.hexdigest()
 
     def abort(self) -> None:
-        """Close without finishing (the temporary directory is removed by its owner)."""
-        self._fh.close()
+        """Stop any follower; `close` then releases the file (its directory is removed)."""
+        with self._grown:
+            self._aborted = True
+            self._grown.notify_all()
+
+    def close(self) -> None:
+        """Close the file descriptor (after `seal` returned, or after `abort`)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class AtomicDirectory:

@@ -10,6 +10,9 @@ import torch
 
 from merger.methods import (
     ACC_DTYPE,
+    BufferPool,
+    Rounder,
+    accumulate,
     liti_weights,
     round_to,
     slerp_merge,
@@ -75,6 +78,70 @@ def test_round_to_special_values() -> None:
     ).all()
     exact = torch.tensor([0.5, -3.25], dtype=torch.float64)
     assert round_to(exact, torch.float32).tolist() == [0.5, -3.25]
+
+
+def _nearest_even(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reference: round fp64 straight to `dtype`'s precision on the fp64 bits (normal range).
+
+    bf16 keeps 7 of fp64's 52 fraction bits, fp16 keeps 10: add half an ulp minus one, plus
+    the kept lowest bit (ties to even), and clear the dropped bits. Exact in fp32 afterwards.
+    """
+    dropped = 52 - {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    bits = x.view(torch.int64)
+    lsb = (bits >> dropped) & 1
+    rounded = (bits + (1 << (dropped - 1)) - 1 + lsb) & ~((1 << dropped) - 1)
+    return rounded.view(torch.float64).to(torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounder_matches_rounding_straight_from_fp64(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.randn(4096, generator=gen, dtype=torch.float64).to(dtype).double()
+    ulp = grid.abs() * 2.0 ** (-8 if dtype is torch.bfloat16 else -11)  # about half an ulp
+    cases = torch.cat(
+        [
+            grid,  # exact: no rounding at all
+            grid + ulp,  # near (or on) a tie
+            grid + ulp * (1 + 2**-25),  # just above a tie: fp32 lands on the tie
+            grid + ulp * (1 - 2**-25),  # just below
+            torch.randn(4096, generator=gen, dtype=torch.float64),
+        ]
+    )
+    cases = cases[cases.abs() > 2**-14]  # the reference covers the normal range only
+    rounder = Rounder(BufferPool(1000))  # smaller than the input: buffers grow
+    for chunk in (cases[:7], cases, cases[3:].reshape(-1, 1)):
+        got = rounder.round(chunk, dtype)
+        assert torch.equal(got.view(torch.int16), _nearest_even(chunk, dtype).view(torch.int16))
+    assert torch.equal(round_to(cases, dtype), _nearest_even(cases, dtype))
+
+
+def test_rounder_fp16_below_the_normal_range() -> None:
+    # fp16 subnormals are spaced 2^-24; fp32 rounds first at a finer spacing, so a value
+    # just above half a subnormal step lands on the midpoint and would tie to even (0).
+    x = torch.tensor([2**-25 + 2**-60, 3 * 2**-25, 2**-25], dtype=torch.float64)
+    assert x.to(torch.float16).tolist()[0] == 0.0  # torch's cast rounds twice
+    assert round_to(x, torch.float16).tolist() == [2**-24, 2 * 2**-24, 0.0]
+
+
+def test_accumulate_through_a_scratch_buffer_is_the_same_sum() -> None:
+    x = torch.tensor([1.5, -2.25, 2**-20], dtype=torch.bfloat16)
+    plain = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64)
+    scratched = plain.clone()
+    accumulate(plain, x, 0.75)
+    accumulate(scratched, x, 0.75, torch.empty(3, dtype=torch.float64))
+    assert torch.equal(plain, scratched)
+    assert plain.tolist() == [0.5 + 1.125, 0.25 - 1.6875, 1.0 + 0.75 * 2**-20]  # all exact
+
+
+def test_buffer_pool_reuses_and_grows() -> None:
+    pool = BufferPool(8)
+    a = pool.get("acc", torch.float64, (2, 3))
+    assert pool.get("acc", torch.float64, (2, 3)).data_ptr() == a.data_ptr()
+    assert pool.get("acc", torch.float64, (6,)).data_ptr() == a.data_ptr()  # same storage
+    assert pool.get("other", torch.float64, (6,)).data_ptr() != a.data_ptr()
+    big = pool.get("acc", torch.float64, (4, 4))  # larger than the buffer: a new one
+    assert big.shape == (4, 4)
+    assert pool.get("acc", torch.float64, (2, 3)).data_ptr() == big.data_ptr()
 
 
 def test_liti_weights() -> None:
