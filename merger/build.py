@@ -192,15 +192,15 @@ class _Averager:
     def _average(
         self, target: PlannedTensor, rows: tuple[int, int] | None, shape: tuple[int, ...]
     ) -> torch.Tensor:
-        acc = self._buffers.get("acc", ACC_DTYPE, shape).zero_()
+        acc = self._buffers.get("acc", ACC_DTYPE, shape)
         promoted = self._buffers.get("promoted", ACC_DTYPE, shape)
-        for ckpt, weight in self._terms:
+        for i, (ckpt, weight) in enumerate(self._terms):
             info = ckpt.tensors[target.name]
             x = self._buffers.get("input", to_torch(info.dtype), shape)
             self._ctx.reader.read(info, rows, x)
-            accumulate(acc, x, weight, promoted)
+            accumulate(acc, x, weight, promoted, first=i == 0)
             self._ctx.progress(x.nbytes)
-        return self._rounder.round(acc.div_(self._total), to_torch(target.dtype))
+        return self._rounder.round(acc, to_torch(target.dtype), divisor=self._total)
 
 
 def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:

@@ -23,13 +23,25 @@ _SLERP_EPS = 1e-6
 
 
 def accumulate(
-    acc: torch.Tensor, x: torch.Tensor, weight: float, scratch: torch.Tensor | None = None
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    weight: float,
+    scratch: torch.Tensor | None = None,
+    *,
+    first: bool = False,
 ) -> None:
     """acc += weight * x, computed in acc's dtype (x is promoted, never rounded down).
 
     `scratch` (acc's dtype and shape) takes the promoted x: a converting copy followed by a
     same-dtype add is about 3x faster than torch's mixed-dtype add, with the same result.
+    With `first`, acc's contents are ignored: acc = weight * x, without zeroing it first
+    (the same values; a sum of negative zeros then stays -0.0, as IEEE addition has it).
     """
+    if first:
+        acc.copy_(x)
+        if weight != 1.0:
+            acc.mul_(weight)
+        return
     if scratch is not None and x.dtype != acc.dtype:
         x = scratch.copy_(x)
     acc.add_(x, alpha=weight)
@@ -116,20 +128,22 @@ class Rounder:
     def __init__(self, pool: BufferPool) -> None:
         self._pool = pool
 
-    def round(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """x (fp64) correctly rounded to `dtype`, in a reused buffer."""
+    def round(self, x: torch.Tensor, dtype: torch.dtype, divisor: float = 1.0) -> torch.Tensor:
+        """x / divisor (x fp64, the quotient rounded to fp64 first) correctly rounded to
+        `dtype`, in a reused buffer. The division is fused into the first cast: one pass less."""
         x = x.contiguous()
-        if dtype not in _TIE_BITS:
-            return self._pool.get("rounded", dtype, x.shape).copy_(x)  # fp64 -> fp32: one rounding
-        r = self._pool.get("round-fp32", torch.float32, x.shape).copy_(x)
+        if dtype not in _TIE_BITS:  # fp64 -> fp32 is one rounding
+            return torch.div(x, divisor, out=self._pool.get("rounded", dtype, x.shape))
+        r = torch.div(x, divisor, out=self._pool.get("round-fp32", torch.float32, x.shape))
         out = self._pool.get("rounded", dtype, x.shape).copy_(r)
         idx = self._suspects(r, dtype)
-        if idx.size:
-            # Where the fp32 step was exact, the cast was a single rounding after all.
-            idx = idx[x.view(-1).numpy()[idx] != r.view(-1).numpy()[idx]]
-        if idx.size:
-            flat_idx = torch.from_numpy(idx)
-            out.view(-1)[flat_idx] = _round_via_odd(x.view(-1)[flat_idx], dtype)
+        if not idx.size:
+            return out
+        flat_idx = torch.from_numpy(idx)
+        quotient = x.view(-1)[flat_idx] / divisor
+        # Where the fp32 step was exact, the cast was a single rounding after all.
+        inexact = quotient != r.view(-1)[flat_idx]
+        out.view(-1)[flat_idx[inexact]] = _round_via_odd(quotient[inexact], dtype)
         return out
 
     def _suspects(self, r: torch.Tensor, dtype: torch.dtype) -> npt.NDArray[np.int64]:

@@ -113,6 +113,12 @@ def test_rounder_matches_rounding_straight_from_fp64(dtype: torch.dtype) -> None
         got = rounder.round(chunk, dtype)
         assert torch.equal(got.view(torch.int16), _nearest_even(chunk, dtype).view(torch.int16))
     assert torch.equal(round_to(cases, dtype), _nearest_even(cases, dtype))
+    # The fused division: x / d rounded to fp64, then correctly to dtype.
+    got = rounder.round(cases * 4, dtype, divisor=4.0)  # exact scaling: the same values
+    assert torch.equal(got.view(torch.int16), _nearest_even(cases, dtype).view(torch.int16))
+    cases = cases[(cases / 3.0).abs() > 2**-14]
+    got = rounder.round(cases, dtype, divisor=3.0)
+    assert torch.equal(got.view(torch.int16), _nearest_even(cases / 3.0, dtype).view(torch.int16))
 
 
 def test_rounder_fp16_below_the_normal_range() -> None:
@@ -131,6 +137,13 @@ def test_accumulate_through_a_scratch_buffer_is_the_same_sum() -> None:
     accumulate(scratched, x, 0.75, torch.empty(3, dtype=torch.float64))
     assert torch.equal(plain, scratched)
     assert plain.tolist() == [0.5 + 1.125, 0.25 - 1.6875, 1.0 + 0.75 * 2**-20]  # all exact
+    fresh = torch.full((3,), float("nan"), dtype=torch.float64)  # contents ignored
+    accumulate(fresh, x, 0.75, first=True)
+    assert fresh.tolist() == [1.125, -1.6875, 0.75 * 2**-20]
+    zeros = torch.tensor([-0.0, -0.0], dtype=torch.bfloat16)
+    accumulate(fresh[:2], zeros, 1.0, first=True)
+    accumulate(fresh[:2], zeros, 1.0)
+    assert [str(v) for v in fresh[:2].tolist()] == ["-0.0", "-0.0"]  # -0 + -0 = -0
 
 
 def test_buffer_pool_reuses_and_grows() -> None:
