@@ -203,7 +203,8 @@ class Batcher:
                     return
                 batch, self._staged = self._staged, None
                 self._busy = True
-            self._loop.call_soon_threadsafe(self._wake.set)  # stage the next batch meanwhile
+            if self._pending:  # stage the next batch meanwhile (new arrivals wake it anyway)
+                self._loop.call_soon_threadsafe(self._wake.set)
             live = [w for w in batch if not w.job.done]
             outputs: np.ndarray | None = None
             error: Exception | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,7 @@ from service.errors import ErrorType, ServiceError
 from service.loader import LoadedModel, load_model
 from service.metrics import Metrics
 from service.protocol import Item, Usage
-from service.settings import Settings
+from service.settings import CPU_FRONT_NICE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ class Scored:
             tokens=sum(len(e.ids) for e in self.encoded),
             truncated_items=sum(e.truncated for e in self.encoded),
         )
+
+
+def lower_priority(increment: int) -> None:
+    """Add `increment` to the calling thread's niceness (on Linux, nice is per thread)."""
+    tid = threading.get_native_id()
+    nice = os.getpriority(os.PRIO_PROCESS, tid)
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + increment))
 
 
 class ServiceState:
@@ -80,8 +89,8 @@ class ServiceState:
                 self.on_fatal(self.load_error)
 
     async def _load(self, preloaded: LoadedModel | None) -> None:
+        loop = asyncio.get_running_loop()
         if preloaded is None:
-            loop = asyncio.get_running_loop()
             model = await loop.run_in_executor(self.model_thread, load_model, self.settings)
         else:
             model = preloaded
@@ -94,8 +103,16 @@ class ServiceState:
             limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
             self.scheduler = Batcher(model.backend, limits, queue, self.metrics)
         await self.scheduler.start(self.model_thread)
-        self.model = model
         info = model.backend.info
+        nice = s.front_nice
+        if nice is None:
+            on_cpu = info.backend == "transformers" and info.device == "cpu"
+            nice = CPU_FRONT_NICE if on_cpu else 0
+        if nice:
+            # The tokeniser thread first: it may be created now, from this thread.
+            await loop.run_in_executor(self.tokenizer_pool, lower_priority, nice)
+            lower_priority(nice)  # the event loop: HTTP, JSON, admission
+        self.model = model
         if info.backend == "vllm":
             from service.backends.vllm import EngineMetrics
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from live import Live, free_port, live_server, wait_until
 
-from service.settings import Settings
+from service.settings import CPU_FRONT_NICE, Settings
 
 TEXT = " ".join(["the cat sat on a mat"] * 6)
 
@@ -306,3 +306,31 @@ def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
         assert httpx.post(f"{live.url}/v1/score", json=items(1)).status_code == 200
     torch.set_num_threads(previous)
     assert seen == [1]
+
+
+def _thread_nice(tid: int) -> int:
+    # /proc/self/task/TID/stat: field 19 is the nice value (after the parenthesised name).
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.parametrize(("front_nice", "expected"), [(3, 3), (None, CPU_FRONT_NICE)])
+def test_front_nice_lowers_the_http_and_tokeniser_threads_not_the_model(
+    gpt2_rm: Path, front_nice: int | None, expected: int
+) -> None:
+    settings = Settings.model_validate({"model": gpt2_rm, "front_nice": front_nice})
+    base = _thread_nice(threading.get_native_id())
+    before = {int(t.name) for t in Path("/proc/self/task").iterdir()}
+    with live_server(settings) as live, live.client() as client:
+        assert client.post("/v1/score", json=items(2)).status_code == 200
+        assert live.state.model is not None
+        threads = [t for t in threading.enumerate() if t.native_id not in before]
+        named = {t.name.split("_")[0]: t.native_id for t in threads}  # this server's
+        model_tid, tokeniser_tid = named["warm-model"], named["warm-tokenize"]
+        assert model_tid is not None and tokeniser_tid is not None
+        new = {int(t.name) for t in Path("/proc/self/task").iterdir()} - before
+        niced = {tid for tid in new if _thread_nice(tid) == min(19, base + expected)}
+        assert _thread_nice(model_tid) == base  # and the compute threads it started
+        assert tokeniser_tid in niced
+        assert len(niced - {tokeniser_tid}) >= 1  # the server's event loop
+        assert _thread_nice(threading.get_native_id()) == base  # the caller is untouched
