@@ -17,9 +17,6 @@ from merger.formatting import DEFAULT_SEPARATOR
 BackendName = Literal["transformers", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Side = Literal["left", "right"]
-# front_nice's default on CPU: measured on 2 cores, the HTTP threads then stop slowing the
-# forward pass (C=1: 0.87x -> parity with a server that runs the forward inline).
-CPU_FRONT_NICE = 10
 
 
 class Settings(BaseSettings):
@@ -80,14 +77,14 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU threads for the forward pass (default: torch's choice)."
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
-    front_nice: int | None = Field(
-        None,
+    front_nice: int = Field(
+        0,
         ge=0,
         le=19,
         description=(
             "Niceness added to the HTTP and tokeniser threads once the model is loaded, so "
-            "that the forward pass wins the CPU cores it shares with them (Linux). Default: "
-            f"{CPU_FRONT_NICE} with the transformers backend on CPU, else 0."
+            "that on a CPU host the forward pass has priority on the cores it shares with "
+            "them (Linux)."
         ),
     )
 

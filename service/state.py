@@ -25,7 +25,7 @@ from service.errors import ErrorType, ServiceError
 from service.loader import LoadedModel, load_model
 from service.metrics import Metrics
 from service.protocol import Item, Usage
-from service.settings import CPU_FRONT_NICE, Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +103,12 @@ class ServiceState:
             limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
             self.scheduler = Batcher(model.backend, limits, queue, self.metrics)
         await self.scheduler.start(self.model_thread)
-        info = model.backend.info
-        nice = s.front_nice
-        if nice is None:
-            on_cpu = info.backend == "transformers" and info.device == "cpu"
-            nice = CPU_FRONT_NICE if on_cpu else 0
-        if nice:
+        if s.front_nice:
             # The tokeniser thread first: it may be created now, from this thread.
-            await loop.run_in_executor(self.tokenizer_pool, lower_priority, nice)
-            lower_priority(nice)  # the event loop: HTTP, JSON, admission
+            await loop.run_in_executor(self.tokenizer_pool, lower_priority, s.front_nice)
+            lower_priority(s.front_nice)  # the event loop: HTTP, JSON, admission
         self.model = model
+        info = model.backend.info
         if info.backend == "vllm":
             from service.backends.vllm import EngineMetrics
 

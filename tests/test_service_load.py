@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from live import Live, free_port, live_server, wait_until
 
-from service.settings import CPU_FRONT_NICE, Settings
+from service.settings import Settings
 
 TEXT = " ".join(["the cat sat on a mat"] * 6)
 
@@ -314,9 +314,9 @@ def _thread_nice(tid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[16])
 
 
-@pytest.mark.parametrize(("front_nice", "expected"), [(3, 3), (None, CPU_FRONT_NICE)])
+@pytest.mark.parametrize(("front_nice", "expected"), [(3, 3), (0, 0)])
 def test_front_nice_lowers_the_http_and_tokeniser_threads_not_the_model(
-    gpt2_rm: Path, front_nice: int | None, expected: int
+    gpt2_rm: Path, front_nice: int, expected: int
 ) -> None:
     settings = Settings.model_validate({"model": gpt2_rm, "front_nice": front_nice})
     base = _thread_nice(threading.get_native_id())
