@@ -3,7 +3,7 @@
 Memory stays flat in M and in model size: one fp64 accumulator chunk and one input chunk
 at a time, read with pread into buffers reused for the whole merge.
 A background thread hashes the input files while the merge runs, then hashes each output
-shard as it is written, so no byte is read twice for provenance.
+shard as it is written: the artifact is never read back for its manifest.
 """
 
 from __future__ import annotations
