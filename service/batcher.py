@@ -1,11 +1,12 @@
-"""Dynamic cross-request batching: an asyncio front, a scheduler and one model thread.
+"""Dynamic cross-request batching: an asyncio front, a scheduler and the model threads.
 
 Requests are admitted (or refused with 429) as a whole (`admission`), then their items
 wait in one queue. The scheduler, on the event loop, keeps the next batch staged while the
-model thread runs the current one (`batching.form_batch` picks it), and re-forms the staged
-batch when new items could improve it, until the model thread takes it. Items whose request was
-cancelled (client gone, deadline passed) are dropped before compute. A failing forward pass
-fails the requests in that batch only.
+model runs the current one (`batching.form_batch` picks it), and re-forms the staged batch
+when new items could improve it, until a model thread takes it. Usually one model thread
+runs the forwards; on a CPU several may, sharing the torch threads (`cores.CoreShare`).
+Items whose request was cancelled (client gone, deadline passed) are dropped before compute.
+A failing forward pass fails the requests in that batch only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from service.admission import Admission, Job, QueueLimits, new_job
 from service.backends.base import Backend
 from service.batching import BatchLimits, form_batch
+from service.cores import CoreShare
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 
@@ -44,8 +46,15 @@ class Batcher:
     """Owns the queue, the scheduler task and the model thread."""
 
     def __init__(
-        self, backend: Backend, limits: BatchLimits, queue: QueueLimits, metrics: Metrics
+        self,
+        backend: Backend,
+        limits: BatchLimits,
+        queue: QueueLimits,
+        metrics: Metrics,
+        cores: CoreShare | None = None,
     ) -> None:
+        """`cores`: run up to `cores.workers` forwards at once, sharing its threads (CPU);
+        None: one forward at a time, on the backend's own threads."""
         self.backend = backend
         self.limits = limits
         self.queue = queue
@@ -53,12 +62,17 @@ class Batcher:
         self.admission = Admission(queue, metrics)
         self._pending: list[Work] = []
         self._staged: list[Work] | None = None
-        self._busy = False
-        self._cond = threading.Condition()
+        self._cores = cores
+        self._workers = 1 if cores is None else cores.workers
+        self._running = 0  # forwards in flight
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # guards the state; the primary waits on it
+        self._side = threading.Condition(lock)  # model threads beside the primary wait on it
         self._wake = asyncio.Event()
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._worker: Future[None] | None = None
+        self._threads: list[Future[None]] = []
+        self._side_pool: ThreadPoolExecutor | None = None
         self._scheduler: asyncio.Task[None] | None = None
 
     # The asyncio front -------------------------------------------------------------------
@@ -66,12 +80,18 @@ class Batcher:
     async def start(self, model_thread: ThreadPoolExecutor) -> None:
         """Start the scheduler task, and the forward loop on `model_thread`.
 
-        `model_thread` has one worker: the thread that loaded and warmed up the model. Torch
-        on CPU keeps one OpenMP team per calling thread; a second thread running forwards
-        would make two teams fight over the cores.
+        `model_thread` has one worker: the thread that loaded and warmed up the model, whose
+        OpenMP team (torch on CPU keeps one per calling thread) is the one wide team: with a
+        `CoreShare`, the forwards beside it run on threads of their own, one core each.
         """
         self._loop = asyncio.get_running_loop()
-        self._worker = model_thread.submit(self._run_model)
+        self._threads = [model_thread.submit(self._run_model, 0)]
+        if self._workers > 1:
+            self._side_pool = ThreadPoolExecutor(
+                self._workers - 1, thread_name_prefix="warm-model-side"
+            )
+            side = range(1, self._workers)
+            self._threads += [self._side_pool.submit(self._run_model, w) for w in side]
         self._scheduler = asyncio.create_task(self._schedule(), name="warm-scheduler")
 
     def submit(self, sequences: Sequence[Sequence[int]], deadline: float) -> Job:
@@ -82,7 +102,7 @@ class Batcher:
         for index, ids in enumerate(sequences):
             self._pending.append(Work(job, index, ids, self._seq))
             self._seq += 1
-        if self._staged is None and not self._busy:
+        if self._staged is None and self._taker() is not None:
             self._restage_guarded()  # an idle model gets its batch now, not a loop turn later
         else:
             self._wake.set()
@@ -107,10 +127,13 @@ class Batcher:
         self._fail_waiting(ServiceError(ErrorType.NOT_READY, "the service is shutting down"))
         with self._cond:
             self._cond.notify_all()
+            self._side.notify_all()
         if self._scheduler is not None:
             self._scheduler.cancel()
-        if self._worker is not None:
-            await asyncio.wait([asyncio.wrap_future(self._worker)], timeout=timeout)
+        if self._threads:
+            await asyncio.wait([asyncio.wrap_future(t) for t in self._threads], timeout=timeout)
+        if self._side_pool is not None:
+            self._side_pool.shutdown(wait=False, cancel_futures=True)
         self._publish()
 
     # The scheduler (event loop) ----------------------------------------------------------
@@ -143,7 +166,7 @@ class Batcher:
             if staged is not None and self._full(staged):
                 self._staged = staged  # nothing new can improve a full batch
                 return
-            busy = self._busy
+            busy = self._running > 0
         if staged:
             self._pending = sorted(staged + self._pending, key=lambda w: w.seq)
         self._drop_stale()
@@ -160,7 +183,17 @@ class Batcher:
         self._pending = [w for i, w in enumerate(self._pending) if i not in taken]
         with self._cond:
             self._staged = batch
-            self._cond.notify()
+            taker = self._taker()
+            if taker is not None:
+                taker.notify()
+
+    def _taker(self) -> threading.Condition | None:
+        """Where the model thread that can start a batch now waits (None: all are busy)."""
+        if self._cores is None:
+            return self._cond if not self._running else None
+        if not self._cores.running[0]:
+            return self._cond  # the primary starts every batch it can
+        return self._side if self._cores.free and self._running < self._workers else None
 
     def _full(self, batch: list[Work]) -> bool:
         longest = max(len(w.ids) for w in batch)
@@ -190,19 +223,10 @@ class Batcher:
 
     # The model thread --------------------------------------------------------------------
 
-    def _run_model(self) -> None:
+    def _run_model(self, worker: int) -> None:
         assert self._loop is not None
-        while True:
-            with self._cond:
-                while self._staged is None and not self.admission.closing:
-                    # Wake now and then: if shutdown never ran (a forced exit), the closed
-                    # loop ends this thread instead of blocking interpreter exit.
-                    if not self._cond.wait(timeout=1.0) and self._loop.is_closed():
-                        return
-                if self._staged is None:
-                    return
-                batch, self._staged = self._staged, None
-                self._busy = True
+        while (taken := self._take(worker)) is not None:
+            batch, threads = taken
             if self._pending:  # stage the next batch meanwhile (new arrivals wake it anyway)
                 self._loop.call_soon_threadsafe(self._wake.set)
             live = [w for w in batch if not w.job.done]
@@ -211,7 +235,7 @@ class Batcher:
             started = time.monotonic()
             if live:
                 try:
-                    outputs = self.backend.forward([w.ids for w in live])
+                    outputs = self.backend.forward([w.ids for w in live], threads)
                     expected = (len(live), self.backend.info.num_labels)
                     if outputs.shape != expected:
                         raise RuntimeError(f"outputs of shape {outputs.shape}, not {expected}")
@@ -220,10 +244,38 @@ class Batcher:
                     error = exc
             elapsed = time.monotonic() - started
             with self._cond:
-                self._busy = False
+                self._running -= 1
+                if self._cores is not None:
+                    self._cores.give(worker)
+                    if worker:  # its thread may let another side thread start
+                        self._side.notify()
             self._loop.call_soon_threadsafe(
-                self._complete, batch, live, outputs, error, started, elapsed
+                self._complete, batch, live, outputs, error, started, elapsed, threads
             )
+
+    def _take(self, worker: int) -> tuple[list[Work], int | None] | None:
+        """Wait for the staged batch and the threads to run it on; None: stop this thread."""
+        assert self._loop is not None
+        with self._cond:
+            while True:
+                if self._staged is not None:
+                    threads = None
+                    if self._cores is not None:
+                        # Narrow only when another batch as large waits: a core left idle
+                        # beside a one-thread forward would cost more than it saves.
+                        backlog = len(self._pending) >= len(self._staged)
+                        threads = self._cores.take(worker, backlog)
+                    if self._cores is None or threads is not None:
+                        batch, self._staged = self._staged, None
+                        self._running += 1
+                        return batch, threads
+                elif self.admission.closing:
+                    return None
+                # Wake now and then: if shutdown never ran (a forced exit), the closed loop
+                # ends this thread instead of blocking interpreter exit.
+                waiting = self._side if worker else self._cond
+                if not waiting.wait(timeout=1.0) and self._loop.is_closed():
+                    return None
 
     # Back on the event loop --------------------------------------------------------------
 
@@ -235,6 +287,7 @@ class Batcher:
         error: Exception | None,
         started: float,
         elapsed: float,
+        threads: int | None,
     ) -> None:
         kept = {id(w) for w in live}
         self._drop([w for w in batch if id(w) not in kept])
@@ -250,10 +303,13 @@ class Batcher:
             for job in {w.job for w in live}:
                 self._fail(job, failure)
             return
-        self.admission.scored(real, elapsed)
+        # The queue's throughput estimate counts this batch's share of the machine's threads.
+        share = 1.0 if self._cores is None or threads is None else threads / self._cores.threads
+        self.admission.scored(real, elapsed * share)
         padded = max(len(w.ids) for w in live) * len(live)
         m = self.metrics
         m.inference_latency.observe(elapsed)
+        m.forwards.labels("all" if threads is None else str(threads)).inc()
         m.batch_size.observe(len(live))
         m.batch_tokens.observe(padded)
         m.padding_ratio.observe(1 - real / padded)

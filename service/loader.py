@@ -21,6 +21,7 @@ from merger.errors import VerifyError
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from service.backends.base import Backend
 from service.backends.transformers import TransformersBackend
+from service.cores import CoreShare
 from service.encoding import Encoder
 from service.settings import Settings
 
@@ -52,6 +53,7 @@ class LoadedModel:
     encoder: Encoder
     overhead_tokens: float
     batch_tokens: int
+    cores: CoreShare | None = None  # forwards run side by side on a CPU, sharing its threads
 
 
 def resolve_model(model: Path | None) -> Path:
@@ -151,7 +153,30 @@ def load_model(settings: Settings) -> LoadedModel:
         encoder=encoder,
         overhead_tokens=overhead,
         batch_tokens=budget,
+        cores=core_share(settings, backend),
     )
+
+
+def core_share(settings: Settings, backend: Backend) -> CoreShare | None:
+    """How many forwards run at once and on which threads (None: one at a time).
+
+    Only the transformers backend on a CPU runs forwards side by side; call from the
+    thread that loaded the model (torch's thread count is per thread).
+    """
+    workers = settings.model_workers
+    on_cpu = isinstance(backend, TransformersBackend) and backend.device.type == "cpu"
+    if not on_cpu:
+        if workers is not None and workers > 1:
+            raise LoadError(f"model_workers {workers}: forwards run side by side on a CPU only")
+        return None
+    threads = torch.get_num_threads()
+    if workers is None:
+        workers = threads
+    if workers > threads:
+        raise LoadError(
+            f"model_workers {workers} exceeds the {threads} torch threads (set torch_threads)"
+        )
+    return CoreShare(threads, workers) if workers > 1 else None
 
 
 def make_backend(

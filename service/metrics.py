@@ -46,6 +46,11 @@ class Metrics:
             "Forward-pass time per batch (vLLM's engine: per request, submission to result).",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.forwards = Counter(
+            "warm_forwards", "Forward passes by the CPU threads each ran on "
+            "('all': the backend's own; on a CPU, 1 of 2 means two forwards ran side by side).",
+            ["threads"], registry=r,
+        )  # fmt: skip
         self.batch_size = Histogram(
             "warm_batch_size", "Items per forward pass.", buckets=SIZE_BUCKETS, registry=r
         )

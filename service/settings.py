@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for the forward pass (default: torch's choice)."
     )
+    model_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Forward passes run at once on a CPU: with work queued, each on one of "
+        "the torch threads; a batch with nothing queued behind it takes every free thread "
+        "(default: as many as torch threads on a CPU; always 1 on CUDA).",
+    )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
     front_nice: int = Field(
         0,
@@ -223,9 +230,10 @@ class Settings(BaseSettings):
                     f"device {self.device!r}: the vllm backend takes 'auto', 'cpu' or 'cuda' "
                     "(choose GPUs with CUDA_VISIBLE_DEVICES)"
                 )
-            if self.torch_threads is not None:
-                raise ValueError(
-                    "torch_threads: only applies to backend 'transformers' (vLLM on CPU "
-                    "takes its threads from VLLM_CPU_OMP_THREADS_BIND)"
-                )
+            for name in ("torch_threads", "model_workers"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: only applies to backend 'transformers' (vLLM on CPU "
+                        "takes its threads from VLLM_CPU_OMP_THREADS_BIND)"
+                    )
         return self

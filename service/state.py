@@ -74,7 +74,8 @@ class ServiceState:
         self.load_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="warm-tokenize")
-        # Loading, warm-up and every forward pass run on this one thread (see Batcher.start).
+        # Loading, warm-up and every forward pass run on this one thread, bar the forwards
+        # run beside it on a CPU (see Batcher.start).
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="warm-model")
         metrics.ready.set_function(lambda: float(self.ready and not self.draining))
 
@@ -101,7 +102,7 @@ class ServiceState:
             self.scheduler = ContinuousScheduler(backend, queue, self.metrics)
         else:
             limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
-            self.scheduler = Batcher(model.backend, limits, queue, self.metrics)
+            self.scheduler = Batcher(model.backend, limits, queue, self.metrics, model.cores)
         await self.scheduler.start(self.model_thread)
         if s.front_nice:
             # The tokeniser thread first: it may be created now, from this thread.

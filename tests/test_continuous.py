@@ -43,8 +43,8 @@ class GatedBackend:
         self.mangle_next: Callable[[np.ndarray], np.ndarray] | None = None
         self._threads: list[threading.Thread] = []
 
-    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        return self.inner.forward(sequences)
+    def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        return self.inner.forward(sequences, threads)
 
     def submit(self, sequences: Sequence[Sequence[int]]) -> Future[np.ndarray]:
         refusal, self.refuse_next = self.refuse_next, None

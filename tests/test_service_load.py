@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ def items(n: int, text: str = TEXT) -> dict[str, Any]:
     return {"items": [{"text": text}] * n}
 
 
-Forward = Callable[[Sequence[Sequence[int]]], np.ndarray]
+Forward = Callable[[Sequence[Sequence[int]], int | None], np.ndarray]
 
 
 def wrap_forward(live: Live, wrapper: Callable[[Forward], Forward]) -> Forward:
@@ -44,9 +45,9 @@ def slow_down(live: Live, seconds: float) -> None:
     """Make every forward pass take at least `seconds` (to hold work in the queue)."""
 
     def slow(forward: Forward) -> Forward:
-        def run(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        def run(sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
             time.sleep(seconds)
-            return forward(sequences)
+            return forward(sequences, threads)
 
         return run
 
@@ -149,11 +150,11 @@ def test_a_failing_forward_fails_only_its_batch(gpt2_rm: Path) -> None:
         calls = {"n": 0}
 
         def fails_once(forward: Forward) -> Forward:
-            def run(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+            def run(sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
                 calls["n"] += 1
                 if calls["n"] == 1:
                     raise RuntimeError("CUDA error: device-side assert triggered")
-                return forward(sequences)
+                return forward(sequences, threads)
 
             return run
 
@@ -199,6 +200,7 @@ def test_metrics_export_every_warm_series(gpt2_rm: Path) -> None:
         "warm_batch_tokens_bucket", "warm_batch_padding_ratio_bucket", "warm_queue_depth",
         "warm_queue_requests", "warm_queue_tokens", "warm_items_scored_total",
         "warm_tokens_scored_total", "warm_reward_bucket", "warm_model_info", "warm_ready",
+        "warm_forwards_total",
     }  # fmt: skip
     assert expected <= names, expected - names
 
@@ -261,7 +263,9 @@ def test_warm_serve_without_a_model_or_a_built_demo_says_how_to_get_one(tmp_path
 
 def test_a_backend_returning_the_wrong_shape_fails_its_batch_cleanly(gpt2_rm: Path) -> None:
     with live_server(settings_for(gpt2_rm)) as live, live.client() as client:
-        original = wrap_forward(live, lambda forward: lambda seqs: forward(seqs)[1:])
+        original = wrap_forward(
+            live, lambda forward: lambda seqs, threads=None: forward(seqs, threads)[1:]
+        )
         failed = client.post("/v1/score", json=items(3))
         wrap_forward(live, lambda _: original)
         served = client.post("/v1/score", json=items(3))
@@ -296,9 +300,9 @@ def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
     with live_server(settings_for(gpt2_rm, torch_threads=1)) as live:
 
         def recording(forward: Forward) -> Forward:
-            def run(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+            def run(sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
                 seen.append(torch.get_num_threads())  # runs on the model thread
-                return forward(sequences)
+                return forward(sequences, threads)
 
             return run
 
@@ -306,6 +310,54 @@ def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
         assert httpx.post(f"{live.url}/v1/score", json=items(1)).status_code == 200
     torch.set_num_threads(previous)
     assert seen == [1]
+
+
+def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_all(
+    gpt2_rm: Path,
+) -> None:
+    import torch
+
+    settings = settings_for(gpt2_rm, torch_threads=2, model_workers=2, max_batch_size=1)
+    texts = [f"{TEXT} {word}" for word in "abcdefgh"]
+    lock = threading.Lock()
+    running: dict[int, int] = {}  # model thread -> threads its forward in flight runs on
+    seen: list[tuple[int | None, int, int, int]] = []  # asked, torch's, all in flight, forwards
+    previous = torch.get_num_threads()  # torch_threads is process-wide: restore it after
+    with live_server(settings) as live, live.client() as client:
+
+        def recording(forward: Forward) -> Forward:
+            def run(sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+                me = threading.get_native_id()
+                with lock:
+                    running[me] = threads or 0
+                    in_flight, forwards = sum(running.values()), len(running)
+                outputs = forward(sequences, threads)
+                seen.append((threads, torch.get_num_threads(), in_flight, forwards))
+                time.sleep(0.05)  # hold the threads: work queues up behind this forward
+                with lock:
+                    del running[me]
+                return outputs
+
+            return run
+
+        wrap_forward(live, recording)
+        alone = [client.post("/v1/score", json=items(1, t)).json() for t in texts]
+        lone = len(seen)
+        with ThreadPoolExecutor(len(texts)) as pool:
+            loaded = list(pool.map(lambda t: client.post("/v1/score", json=items(1, t)), texts))
+        metrics = live.metrics()
+    torch.set_num_threads(previous)
+    assert [s[:3] for s in seen[:lone]] == [(2, 2, 2)] * lone  # one at a time, on both threads
+    under_load = seen[lone:]
+    assert all(asked == got for asked, got, _, _ in seen)  # each model thread's own count
+    assert max(in_flight for _, _, in_flight, _ in under_load) == 2  # never oversubscribed
+    assert max(forwards for *_, forwards in under_load) == 2  # two forwards side by side
+    assert sum(asked == 1 for asked, *_ in under_load) >= 2
+    for r, a in zip(loaded, alone, strict=True):
+        assert r.status_code == 200
+        assert abs(r.json()["results"][0]["reward"] - a["results"][0]["reward"]) < 1e-5
+    assert metrics['warm_forwards_total{threads="2"}'] >= lone
+    assert metrics['warm_forwards_total{threads="1"}'] >= 2
 
 
 def _thread_nice(tid: int) -> int:

@@ -303,6 +303,8 @@ def test_vllm_settings_need_the_vllm_backend(gpt2_rm: Path) -> None:
         settings(gpt2_rm, backend="vllm", device="cuda:1")
     with pytest.raises(ValidationError, match="VLLM_CPU_OMP_THREADS_BIND"):
         settings(gpt2_rm, backend="vllm", torch_threads=2)
+    with pytest.raises(ValidationError, match="model_workers: only applies to backend"):
+        settings(gpt2_rm, backend="vllm", model_workers=2)
     with pytest.raises(ValidationError):
         settings(gpt2_rm, backend="vllm", vllm_gpu_memory_utilization=1.5)
     ok = settings(gpt2_rm, backend="vllm", vllm_tensor_parallel_size=2, vllm_kv_cache_gib=1)

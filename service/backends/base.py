@@ -23,12 +23,13 @@ class ModelInfo:
 
 
 class Backend(Protocol):
-    """A loaded reward model. `forward` is called from one worker thread only."""
+    """A loaded reward model. `forward` is called from the scheduler's model threads only."""
 
     info: ModelInfo
 
-    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Outputs of shape (len(sequences), num_labels), float64, in input order."""
+    def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """Outputs of shape (len(sequences), num_labels), float64, in input order. `threads`:
+        the CPU threads this call may use (None: as configured at load)."""
 
     def failure(self) -> str | None:
         """Why the model can no longer serve at all (a dead engine process), else None."""

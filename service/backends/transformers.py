@@ -79,8 +79,11 @@ class TransformersBackend:
         )
 
     @torch.inference_mode()
-    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Logits (n, num_labels) of one right-padded batch."""
+    def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """Logits (n, num_labels) of one right-padded batch, on `threads` CPU threads."""
+        if threads is not None and torch.get_num_threads() != threads:
+            # OpenMP's thread count is per calling thread: other model threads keep theirs.
+            torch.set_num_threads(threads)
         longest = max(len(s) for s in sequences)
         ids = np.full((len(sequences), longest), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(sequences), longest), dtype=np.int64)

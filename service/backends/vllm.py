@@ -187,8 +187,8 @@ class VLLMBackend:
             return f"vLLM's engine died: {engine.dead_error!r}"
         return None
 
-    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """`submit`, waited for."""
+    def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """`submit`, waited for (the engine's threads are its own: `threads` is ignored)."""
         return self.submit(sequences).result()
 
     async def _classify(self, sequences: list[list[int]]) -> np.ndarray:

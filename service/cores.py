@@ -1,0 +1,51 @@
+"""How concurrent forward passes share the CPU's torch threads.
+
+On a CPU, one forward pass over two threads is not twice as fast as over one: its OpenMP
+team meets at a barrier after every operator, so whenever the HTTP front, the tokeniser or
+the OS takes one core for a moment, the other cores wait. Forwards on one thread each never
+wait for each other, and score more items per second under load. A lone batch, though,
+finishes sooner on every thread.
+
+So worker 0, the primary, takes every batch it can: with little queued behind the batch it
+takes every free thread; with enough queued for a forward beside it (the batcher's call),
+one thread. The other workers take a batch only while the primary is running one, and
+always on one thread. A forward starts only on a free thread, so the cores are never
+oversubscribed; and only the primary ever runs an OpenMP team of several threads (with
+two such teams, the lone forwards of a 2-core machine took twice as long).
+"""
+
+from __future__ import annotations
+
+
+class CoreShare:
+    """Threads handed to concurrent forward passes; not locked: the caller holds one lock."""
+
+    def __init__(self, threads: int, workers: int) -> None:
+        if workers < 1 or threads < workers:
+            raise ValueError(f"{workers} workers cannot share {threads} threads")
+        self.threads = threads
+        self.workers = workers
+        self.free = threads
+        self.running = [0] * workers  # threads each worker's forward runs on (0: idle)
+
+    def take(self, worker: int, backlog: bool) -> int | None:
+        """Threads for `worker`'s next forward; None: it must wait for a `give`.
+
+        `backlog`: enough work is queued behind this batch for a forward beside it.
+        """
+        if self.running[worker]:
+            raise ValueError(f"worker {worker} is already running a forward")
+        if self.free == 0 or (worker != 0 and not self.running[0]):
+            return None
+        taken = self.free if worker == 0 and not backlog else 1
+        self.free -= taken
+        self.running[worker] = taken
+        return taken
+
+    def give(self, worker: int) -> int:
+        """`worker`'s forward is done; returns the threads it had."""
+        threads, self.running[worker] = self.running[worker], 0
+        if not threads:
+            raise ValueError(f"worker {worker} is not running a forward")
+        self.free += threads
+        return threads

@@ -1,0 +1,109 @@
+"""CoreShare: which forward gets how many CPU threads, by hand-worked sequences; and how
+the loader sizes it from the settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.cores import CoreShare
+from service.loader import LoadError, load_model
+from service.settings import Settings
+
+
+def test_a_lone_batch_takes_every_thread_and_the_second_worker_waits() -> None:
+    cores = CoreShare(threads=2, workers=2)
+    assert cores.take(0, backlog=False) == 2
+    assert cores.take(1, backlog=True) is None  # no thread free: never oversubscribe
+    assert cores.give(0) == 2
+    assert cores.free == 2
+
+
+def test_with_work_queued_two_forwards_run_side_by_side_on_one_thread_each() -> None:
+    cores = CoreShare(threads=2, workers=2)
+    assert cores.take(0, backlog=True) == 1
+    assert cores.take(1, backlog=True) == 1
+    assert cores.free == 0
+    assert cores.give(1) == 1
+    assert cores.give(0) == 1
+    assert cores.free == 2
+
+
+def test_only_the_primary_starts_work_on_an_idle_model() -> None:
+    cores = CoreShare(threads=2, workers=2)
+    assert cores.take(1, backlog=True) is None  # the primary takes what comes first
+    assert cores.take(0, backlog=False) == 2
+    cores.give(0)
+    assert cores.take(0, backlog=True) == 1
+    assert cores.take(1, backlog=False) == 1  # beside a running primary: its share
+
+
+def test_the_primary_takes_what_is_left_while_another_forward_runs() -> None:
+    cores = CoreShare(threads=2, workers=2)
+    cores.take(0, backlog=True)
+    cores.take(1, backlog=True)
+    cores.give(0)
+    assert cores.take(0, backlog=False) == 1  # worker 1 still holds one thread
+
+
+def test_side_forwards_run_on_one_thread_and_the_primary_alone_on_the_rest() -> None:
+    cores = CoreShare(threads=4, workers=3)
+    assert cores.take(0, backlog=True) == 1
+    assert cores.take(1, backlog=False) == 1  # beside the primary: always one thread
+    assert cores.take(2, backlog=True) == 1
+    assert cores.free == 1
+    assert cores.give(0) == 1
+    assert cores.take(0, backlog=False) == 2  # nothing queued: every free thread
+    assert cores.free == 0
+    assert cores.give(1) == 1 and cores.give(2) == 1 and cores.give(0) == 2
+    assert cores.take(0, backlog=False) == 4
+
+
+@pytest.mark.parametrize(("threads", "workers"), [(1, 2), (4, 0), (2, 3)])
+def test_invalid_shares_are_refused(threads: int, workers: int) -> None:
+    with pytest.raises(ValueError, match="workers cannot share"):
+        CoreShare(threads, workers)
+
+
+def test_taking_twice_or_giving_back_nothing_is_an_error() -> None:
+    cores = CoreShare(threads=2, workers=2)
+    cores.take(0, backlog=True)
+    with pytest.raises(ValueError, match="already running"):
+        cores.take(0, backlog=True)
+    with pytest.raises(ValueError, match="not running"):
+        cores.give(1)
+
+
+@pytest.fixture
+def restore_torch_threads() -> Iterator[None]:
+    """torch_threads is process-wide: put it back after a load in this thread."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def load(model: Path, **overrides: object) -> CoreShare | None:
+    """The CoreShare a load with these settings gives (no warm-up forwards)."""
+    settings = {"model": model, "warmup": False, "batch_overhead_tokens": 0, **overrides}
+    return load_model(Settings.model_validate(settings)).cores
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_the_loader_runs_a_forward_per_torch_thread_on_a_cpu_by_default(
+    gpt2_rm: Path,
+) -> None:
+    cores = load(gpt2_rm, torch_threads=2, device="cpu")
+    assert cores is not None and (cores.threads, cores.workers) == (2, 2)
+    assert load(gpt2_rm, torch_threads=1, device="cpu") is None  # one thread: one forward
+    assert load(gpt2_rm, torch_threads=2, device="cpu", model_workers=1) is None
+    cores = load(gpt2_rm, torch_threads=4, device="cpu", model_workers=3)
+    assert cores is not None and (cores.threads, cores.workers) == (4, 3)
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_more_workers_than_threads_is_a_load_error(gpt2_rm: Path) -> None:
+    with pytest.raises(LoadError, match="model_workers 3 exceeds the 2 torch threads"):
+        load(gpt2_rm, torch_threads=2, device="cpu", model_workers=3)
