@@ -8,10 +8,11 @@ finishes sooner on every thread.
 
 So worker 0, the primary, takes every batch it can: with little queued behind the batch it
 takes every free thread; with enough queued for a forward beside it (the batcher's call),
-one thread. The other workers take a batch only while the primary is running one, and
-always on one thread. A forward starts only on a free thread, so the cores are never
-oversubscribed; and only the primary ever runs an OpenMP team of several threads (with
-two such teams, the lone forwards of a 2-core machine took twice as long).
+every free thread but one for each idle side worker. The side workers take a batch only
+while the primary is running one, and always on one thread. A forward starts only on a free
+thread, so the cores are never oversubscribed; and only the primary ever runs an OpenMP
+team of several threads (with two such teams, the lone forwards of a 2-core machine took
+twice as long).
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ class CoreShare:
             raise ValueError(f"worker {worker} is already running a forward")
         if self.free == 0 or (worker != 0 and not self.running[0]):
             return None
-        taken = self.free if worker == 0 and not backlog else 1
+        if worker != 0:
+            taken = 1
+        elif backlog:  # leave one thread to each side worker that could start beside it
+            taken = max(1, self.free - self.running[1:].count(0))
+        else:
+            taken = self.free
         self.free -= taken
         self.running[worker] = taken
         return taken

@@ -49,17 +49,23 @@ def test_the_primary_takes_what_is_left_while_another_forward_runs() -> None:
     assert cores.take(0, backlog=False) == 1  # worker 1 still holds one thread
 
 
-def test_side_forwards_run_on_one_thread_and_the_primary_alone_on_the_rest() -> None:
+def test_with_work_queued_the_primary_leaves_a_thread_to_each_idle_side_worker() -> None:
     cores = CoreShare(threads=4, workers=3)
-    assert cores.take(0, backlog=True) == 1
+    assert cores.take(0, backlog=True) == 2  # 4 free, 2 idle side workers
     assert cores.take(1, backlog=False) == 1  # beside the primary: always one thread
     assert cores.take(2, backlog=True) == 1
-    assert cores.free == 1
-    assert cores.give(0) == 1
-    assert cores.take(0, backlog=False) == 2  # nothing queued: every free thread
     assert cores.free == 0
+    assert cores.give(0) == 2
+    assert cores.take(0, backlog=True) == 2  # no side worker idle: every free thread
     assert cores.give(1) == 1 and cores.give(2) == 1 and cores.give(0) == 2
-    assert cores.take(0, backlog=False) == 4
+    assert cores.take(0, backlog=False) == 4  # nothing queued: every thread
+
+
+def test_fewer_workers_than_threads_still_use_every_thread_under_load() -> None:
+    cores = CoreShare(threads=8, workers=2)
+    assert cores.take(0, backlog=True) == 7
+    assert cores.take(1, backlog=True) == 1
+    assert cores.free == 0
 
 
 @pytest.mark.parametrize(("threads", "workers"), [(1, 2), (4, 0), (2, 3)])
