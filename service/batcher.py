@@ -43,7 +43,8 @@ class Work:
 
 
 class Batcher:
-    """Owns the queue, the scheduler task and the model thread."""
+    """Owns the queue, the scheduler task and the model threads (one, or on a CPU a primary
+    and the side workers of a `CoreShare`)."""
 
     def __init__(
         self,
@@ -119,7 +120,7 @@ class Batcher:
             job.future.cancel()
 
     async def stop(self, timeout: float) -> None:
-        """Wait up to `timeout` for admitted work, fail what is left, stop the model thread."""
+        """Wait up to `timeout` for admitted work, fail what is left, stop the model threads."""
         self.admission.closing = True
         end = time.monotonic() + timeout
         while self.admission.requests and time.monotonic() < end:
@@ -166,7 +167,7 @@ class Batcher:
             if staged is not None and self._full(staged):
                 self._staged = staged  # nothing new can improve a full batch
                 return
-            busy = self._running > 0
+            busy = self._taker() is None  # no model thread could start a batch now
         if staged:
             self._pending = sorted(staged + self._pending, key=lambda w: w.seq)
         self._drop_stale()
@@ -221,7 +222,7 @@ class Batcher:
             self.admission.release(len(work.ids))
             self.metrics.dropped.labels(work.job.drop_reason).inc()
 
-    # The model thread --------------------------------------------------------------------
+    # The model threads -------------------------------------------------------------------
 
     def _run_model(self, worker: int) -> None:
         assert self._loop is not None
@@ -261,10 +262,11 @@ class Batcher:
                 if self._staged is not None:
                     threads = None
                     if self._cores is not None:
-                        # Narrow only when another batch as large waits: a core left idle
-                        # beside a one-thread forward would cost more than it saves.
-                        backlog = len(self._pending) >= len(self._staged)
-                        threads = self._cores.take(worker, backlog)
+                        # Batches as large as this one waiting behind it (read without the
+                        # event loop's lock: a hint). A side worker gets a thread only if
+                        # one waits for it: an idle core costs more than a wide team.
+                        behind = len(self._pending) // len(self._staged)
+                        threads = self._cores.take(worker, behind)
                     if self._cores is None or threads is not None:
                         batch, self._staged = self._staged, None
                         self._running += 1

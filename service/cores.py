@@ -7,8 +7,8 @@ wait for each other, and score more items per second under load. A lone batch, t
 finishes sooner on every thread.
 
 So worker 0, the primary, takes every batch it can: with little queued behind the batch it
-takes every free thread; with enough queued for a forward beside it (the batcher's call),
-every free thread but one for each idle side worker. The side workers take a batch only
+takes every free thread; with more batches queued behind it, every free thread but one for
+each idle side worker that one of those batches could keep busy. The side workers take a batch only
 while the primary is running one, and always on one thread. A forward starts only on a free
 thread, so the cores are never oversubscribed; and only the primary ever runs an OpenMP
 team of several threads (with two such teams, the lone forwards of a 2-core machine took
@@ -29,10 +29,10 @@ class CoreShare:
         self.free = threads
         self.running = [0] * workers  # threads each worker's forward runs on (0: idle)
 
-    def take(self, worker: int, backlog: bool) -> int | None:
+    def take(self, worker: int, behind: int) -> int | None:
         """Threads for `worker`'s next forward; None: it must wait for a `give`.
 
-        `backlog`: enough work is queued behind this batch for a forward beside it.
+        `behind`: how many batches like this one are queued behind it.
         """
         if self.running[worker]:
             raise ValueError(f"worker {worker} is already running a forward")
@@ -40,8 +40,8 @@ class CoreShare:
             return None
         if worker != 0:
             taken = 1
-        elif backlog:  # leave one thread to each side worker that could start beside it
-            taken = max(1, self.free - self.running[1:].count(0))
+        elif behind:  # leave a thread to each idle side worker a queued batch could keep busy
+            taken = max(1, self.free - min(behind, self.running[1:].count(0)))
         else:
             taken = self.free
         self.free -= taken

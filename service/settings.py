@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Forward passes run at once on a CPU: with work queued, each on one of "
         "the torch threads; a batch with nothing queued behind it takes every free thread "
-        "(default: as many as torch threads on a CPU; always 1 on CUDA).",
+        "(default: as many as torch threads on a CPU; more than 1 is refused on CUDA).",
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
     front_nice: int = Field(

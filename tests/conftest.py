@@ -184,6 +184,15 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.fixture
+def restore_torch_threads() -> Iterator[None]:
+    """Put torch's thread count back after a test: a load with torch_threads sets the
+    default for every thread that has not run torch yet, as well as the loading thread's."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """Directory of the packaged pretrained all-MiniLM-L6-v2 (BERT) model."""

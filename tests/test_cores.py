@@ -3,11 +3,9 @@ the loader sizes it from the settings."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from service.cores import CoreShare
 from service.loader import LoadError, load_model
@@ -16,16 +14,16 @@ from service.settings import Settings
 
 def test_a_lone_batch_takes_every_thread_and_the_second_worker_waits() -> None:
     cores = CoreShare(threads=2, workers=2)
-    assert cores.take(0, backlog=False) == 2
-    assert cores.take(1, backlog=True) is None  # no thread free: never oversubscribe
+    assert cores.take(0, behind=0) == 2
+    assert cores.take(1, behind=1) is None  # no thread free: never oversubscribe
     assert cores.give(0) == 2
     assert cores.free == 2
 
 
 def test_with_work_queued_two_forwards_run_side_by_side_on_one_thread_each() -> None:
     cores = CoreShare(threads=2, workers=2)
-    assert cores.take(0, backlog=True) == 1
-    assert cores.take(1, backlog=True) == 1
+    assert cores.take(0, behind=1) == 1
+    assert cores.take(1, behind=1) == 1
     assert cores.free == 0
     assert cores.give(1) == 1
     assert cores.give(0) == 1
@@ -34,37 +32,47 @@ def test_with_work_queued_two_forwards_run_side_by_side_on_one_thread_each() -> 
 
 def test_only_the_primary_starts_work_on_an_idle_model() -> None:
     cores = CoreShare(threads=2, workers=2)
-    assert cores.take(1, backlog=True) is None  # the primary takes what comes first
-    assert cores.take(0, backlog=False) == 2
+    assert cores.take(1, behind=1) is None  # the primary takes what comes first
+    assert cores.take(0, behind=0) == 2
     cores.give(0)
-    assert cores.take(0, backlog=True) == 1
-    assert cores.take(1, backlog=False) == 1  # beside a running primary: its share
+    assert cores.take(0, behind=1) == 1
+    assert cores.take(1, behind=0) == 1  # beside a running primary: its share
 
 
 def test_the_primary_takes_what_is_left_while_another_forward_runs() -> None:
     cores = CoreShare(threads=2, workers=2)
-    cores.take(0, backlog=True)
-    cores.take(1, backlog=True)
+    cores.take(0, behind=1)
+    cores.take(1, behind=1)
     cores.give(0)
-    assert cores.take(0, backlog=False) == 1  # worker 1 still holds one thread
+    assert cores.take(0, behind=0) == 1  # worker 1 still holds one thread
 
 
 def test_with_work_queued_the_primary_leaves_a_thread_to_each_idle_side_worker() -> None:
     cores = CoreShare(threads=4, workers=3)
-    assert cores.take(0, backlog=True) == 2  # 4 free, 2 idle side workers
-    assert cores.take(1, backlog=False) == 1  # beside the primary: always one thread
-    assert cores.take(2, backlog=True) == 1
+    assert cores.take(0, behind=2) == 2  # 4 free, 2 idle side workers, 2 batches behind
+    assert cores.take(1, behind=0) == 1  # beside the primary: always one thread
+    assert cores.take(2, behind=1) == 1
     assert cores.free == 0
     assert cores.give(0) == 2
-    assert cores.take(0, backlog=True) == 2  # no side worker idle: every free thread
+    assert cores.take(0, behind=1) == 2  # no side worker idle: every free thread
     assert cores.give(1) == 1 and cores.give(2) == 1 and cores.give(0) == 2
-    assert cores.take(0, backlog=False) == 4  # nothing queued: every thread
+    assert cores.take(0, behind=0) == 4  # nothing queued: every thread
+
+
+def test_the_primary_keeps_threads_no_queued_batch_could_use() -> None:
+    cores = CoreShare(threads=16, workers=16)
+    assert cores.take(0, behind=1) == 15  # one batch behind: one side worker, not 15
+    assert cores.take(1, behind=0) == 1
+    cores.give(0)
+    cores.give(1)
+    assert cores.take(0, behind=3) == 13  # three behind: 16 - 3
+    assert cores.take(1, behind=2) == 1
 
 
 def test_fewer_workers_than_threads_still_use_every_thread_under_load() -> None:
     cores = CoreShare(threads=8, workers=2)
-    assert cores.take(0, backlog=True) == 7
-    assert cores.take(1, backlog=True) == 1
+    assert cores.take(0, behind=1) == 7
+    assert cores.take(1, behind=1) == 1
     assert cores.free == 0
 
 
@@ -76,19 +84,11 @@ def test_invalid_shares_are_refused(threads: int, workers: int) -> None:
 
 def test_taking_twice_or_giving_back_nothing_is_an_error() -> None:
     cores = CoreShare(threads=2, workers=2)
-    cores.take(0, backlog=True)
+    cores.take(0, behind=1)
     with pytest.raises(ValueError, match="already running"):
-        cores.take(0, backlog=True)
+        cores.take(0, behind=1)
     with pytest.raises(ValueError, match="not running"):
         cores.give(1)
-
-
-@pytest.fixture
-def restore_torch_threads() -> Iterator[None]:
-    """torch_threads is process-wide: put it back after a load in this thread."""
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
 
 
 def load(model: Path, **overrides: object) -> CoreShare | None:

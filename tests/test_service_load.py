@@ -292,11 +292,11 @@ def test_a_model_that_can_no_longer_serve_turns_unready_and_stops_the_server(
     assert fatal == ["vLLM's engine died: EngineDeadError()"]  # warm-serve then exits 1
 
 
+@pytest.mark.usefixtures("restore_torch_threads")
 def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
     import torch
 
     seen: list[int] = []
-    previous = torch.get_num_threads()  # the setting is process-wide: restore it after
     with live_server(settings_for(gpt2_rm, torch_threads=1)) as live:
 
         def recording(forward: Forward) -> Forward:
@@ -308,10 +308,10 @@ def test_torch_threads_sets_the_forward_threads(gpt2_rm: Path) -> None:
 
         wrap_forward(live, recording)
         assert httpx.post(f"{live.url}/v1/score", json=items(1)).status_code == 200
-    torch.set_num_threads(previous)
     assert seen == [1]
 
 
+@pytest.mark.usefixtures("restore_torch_threads")
 def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_all(
     gpt2_rm: Path,
 ) -> None:
@@ -322,7 +322,6 @@ def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_al
     lock = threading.Lock()
     running: dict[int, int] = {}  # model thread -> threads its forward in flight runs on
     seen: list[tuple[int | None, int, int, int]] = []  # asked, torch's, all in flight, forwards
-    previous = torch.get_num_threads()  # torch_threads is process-wide: restore it after
     with live_server(settings) as live, live.client() as client:
 
         def recording(forward: Forward) -> Forward:
@@ -333,7 +332,7 @@ def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_al
                     in_flight, forwards = sum(running.values()), len(running)
                 outputs = forward(sequences, threads)
                 seen.append((threads, torch.get_num_threads(), in_flight, forwards))
-                time.sleep(0.05)  # hold the threads: work queues up behind this forward
+                time.sleep(0.1)  # hold the threads: work queues up behind this forward
                 with lock:
                     del running[me]
                 return outputs
@@ -346,7 +345,6 @@ def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_al
         with ThreadPoolExecutor(len(texts)) as pool:
             loaded = list(pool.map(lambda t: client.post("/v1/score", json=items(1, t)), texts))
         metrics = live.metrics()
-    torch.set_num_threads(previous)
     assert [s[:3] for s in seen[:lone]] == [(2, 2, 2)] * lone  # one at a time, on both threads
     under_load = seen[lone:]
     assert all(asked == got for asked, got, _, _ in seen)  # each model thread's own count

@@ -23,7 +23,8 @@ class ModelInfo:
 
 
 class Backend(Protocol):
-    """A loaded reward model. `forward` is called from the scheduler's model threads only."""
+    """A loaded reward model. `forward` is called from the scheduler's model threads only;
+    on a CPU from several at once (`cores.CoreShare`), so it must not mutate shared state."""
 
     info: ModelInfo
 
