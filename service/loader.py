@@ -223,14 +223,8 @@ class Calibration:
 def calibrate(
     backend: Backend, encoder: Encoder, max_batch_size: int, max_batch_tokens: int
 ) -> Calibration:
-    """Warm the model up and time forwards of 1, 2, 4, ... items of CALIBRATION_LENGTH tokens.
-
-    The overhead comes from a straight-line fit time = c0 + c1 * padded_tokens through the
-    1-item and 8-item timings (c0 / c1). The budget is the smallest batch whose throughput
-    is within TUNE_TOLERANCE of the best one measured: on a CPU, throughput peaks at a
-    modest batch and falls after it; on a GPU the largest batch usually wins and the
-    configured budget stays.
-    """
+    """Warm the model up and time forwards of 1, 2, 4, ... items of CALIBRATION_LENGTH tokens
+    (each twice, its best time kept), then `choose_budget`."""
     text = " ".join(["warm"] * (4 * CALIBRATION_LENGTH))
     length = min(CALIBRATION_LENGTH, encoder.max_length)
     ids = encoder.encode_texts([text], "right")[0].ids[:length]
@@ -247,21 +241,45 @@ def calibrate(
             backend.forward([ids] * size)
             times.append(time.perf_counter() - start)
         seconds[size] = min(times)
-    rate = {size: size / seconds[size] for size in sizes}
-    best = max(rate.values())
-    chosen = min(size for size in sizes if rate[size] >= (1 - TUNE_TOLERANCE) * best)
-    budget = max_batch_tokens if chosen == sizes[-1] else max(chosen * len(ids), encoder.max_length)
-    many = 8 if 8 in seconds else sizes[-1]
-    per_token = (seconds[many] - seconds[1]) / ((many - 1) * len(ids)) if many > 1 else 0.0
-    if per_token <= 0:
-        overhead = float(budget)  # batching is free at this size: favour full batches
-    else:
-        overhead = max(0.0, (seconds[1] - per_token * len(ids)) / per_token)
+    calibration = choose_budget(seconds, len(ids), max_batch_tokens, encoder.max_length)
     log.info(
         "warm-up over %d-token items: %s; overhead %.0f tokens, batch budget %d tokens",
         len(ids),
-        ", ".join(f"{size}: {rate[size]:.1f}/s" for size in sizes),
-        overhead,
-        budget,
+        ", ".join(f"{size}: {rate:.1f}/s" for size, rate in rate_of(seconds).items()),
+        calibration.overhead_tokens,
+        calibration.batch_tokens,
     )
+    return calibration
+
+
+def rate_of(seconds: dict[int, float]) -> dict[int, float]:
+    """Items per second of each batch size."""
+    return {size: size / s for size, s in seconds.items()}
+
+
+def choose_budget(
+    seconds: dict[int, float], length: int, max_batch_tokens: int, max_length: int
+) -> Calibration:
+    """The fixed cost and the batch budget from the best time of each batch size.
+
+    The overhead comes from a straight-line fit time = c0 + c1 * padded_tokens through the
+    1-item and 8-item timings (c0 / c1). The budget is the smallest batch whose throughput
+    is within TUNE_TOLERANCE of the best one: the configured budget when that is the
+    largest size timed (on a GPU the largest batch usually wins), else that many items of
+    `length` tokens, but never below `max_length` (one item of any length fits).
+    """
+    rates = rate_of(seconds)
+    best = max(rates.values())
+    chosen = min(size for size, rate in rates.items() if rate >= (1 - TUNE_TOLERANCE) * best)
+    largest = max(seconds)
+    if chosen == largest:
+        budget = max_batch_tokens
+    else:
+        budget = min(max_batch_tokens, max(chosen * length, max_length))
+    many = 8 if 8 in seconds else largest
+    per_token = (seconds[many] - seconds[1]) / ((many - 1) * length) if many > 1 else 0.0
+    if per_token <= 0:
+        overhead = float(budget)  # batching is free at this size: favour full batches
+    else:
+        overhead = max(0.0, (seconds[1] - per_token * length) / per_token)
     return Calibration(overhead_tokens=overhead, batch_tokens=budget)

@@ -1,0 +1,82 @@
+"""Warm-up calibration: the batch budget and fixed cost from hand-made timings, and the
+batches it times (tiny BERT)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from service.backends.transformers import TransformersBackend
+from service.encoding import Encoder
+from service.loader import Calibration, calibrate, choose_budget
+
+
+def test_a_cpu_like_curve_gives_the_peak_batch_and_the_fitted_overhead() -> None:
+    # Rates 50, 62.5, 71.4, 80, 72.7, 66.7 items/s: only batch 8 is within 3% of the best.
+    seconds = {1: 0.02, 2: 0.032, 4: 0.056, 8: 0.1, 16: 0.22, 32: 0.48}
+    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512)
+    # per token (0.1 - 0.02) / (7 * 128); overhead 0.02 / per_token - 128 = 224 - 128.
+    assert got.batch_tokens == 8 * 128
+    assert got.overhead_tokens == pytest.approx(96.0)
+
+
+def test_a_gpu_like_curve_keeps_the_configured_budget() -> None:
+    seconds = {1: 0.01, 2: 0.01, 4: 0.01, 8: 0.011, 16: 0.012}  # still rising at 16
+    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512)
+    # per token 0.001 / (7 * 128); overhead 0.01 / per_token - 128 = 8960 - 128.
+    assert got.batch_tokens == 16384
+    assert got.overhead_tokens == pytest.approx(8832.0)
+
+
+def test_a_small_peak_still_fits_one_item_of_the_longest_length() -> None:
+    seconds = {1: 0.01, 2: 0.015, 4: 0.04}  # 100, 133, 100 items/s: batch 2 = 256 tokens
+    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512)
+    # No 8-item timing: the fit runs through 4 items, per token 0.03 / (3 * 128).
+    assert got.batch_tokens == 512
+    assert got.overhead_tokens == pytest.approx(0.0, abs=1e-9)
+
+
+def test_free_batching_favours_full_batches() -> None:
+    seconds = {1: 0.01, 2: 0.01, 4: 0.01, 8: 0.01}
+    got = choose_budget(seconds, length=128, max_batch_tokens=4096, max_length=512)
+    assert got == Calibration(overhead_tokens=4096.0, batch_tokens=4096)
+
+
+class Recording:
+    """A real backend whose forwards are recorded."""
+
+    def __init__(self, inner: TransformersBackend) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.sizes: list[int] = []
+
+    def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        self.sizes.append(len(sequences))
+        return self.inner.forward(sequences, threads)
+
+
+def test_calibration_times_doubling_batches_twice_and_picks_a_measured_budget(
+    bert_rm: Path,
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(bert_rm)
+    backend = TransformersBackend(
+        bert_rm,
+        device="cpu",
+        dtype="float32",
+        max_length=64,
+        pad_token_id=int(tokenizer.pad_token_id),
+        trust_remote_code=False,
+    )
+    recording = Recording(backend)
+    encoder = Encoder(tokenizer, max_length=64, separator="\n")
+    got = calibrate(recording, encoder, 8, 300)  # type: ignore[arg-type]
+    # Items of 64 tokens: 4 x 64 fits 300 tokens, 8 x 64 does not. The largest batch and a
+    # ragged pair warm up first, then 1, 2 and 4 items are each timed twice.
+    assert recording.sizes == [4, 2, 1, 1, 2, 2, 4, 4]
+    # Batch 4, the largest timed, keeps the configured 300; 1 or 2 items give 64 or 128.
+    assert got.batch_tokens in {300, 64, 128}
+    assert got.overhead_tokens >= 0
