@@ -4,7 +4,8 @@ Requests are admitted (or refused with 429) as a whole (`admission`), then their
 wait in one queue. The scheduler, on the event loop, keeps the next batch staged while the
 model runs the current one (`batching.form_batch` picks it), and re-forms the staged batch
 when new items could improve it, until a model thread takes it. Usually one model thread
-runs the forwards; on a CPU several may, sharing the torch threads (`cores.CoreShare`).
+runs the forwards; on a CPU several may, sharing the torch threads (`cores.CoreShare`),
+and work that fits one batch is split into one piece per free thread.
 Items whose request was cancelled (client gone, deadline passed) are dropped before compute.
 A failing forward pass fails the requests in that batch only.
 """
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -168,12 +169,18 @@ class Batcher:
                 self._staged = staged  # nothing new can improve a full batch
                 return
             busy = self._taker() is None  # no model thread could start a batch now
+            pieces = self._pieces()
         if staged:
             self._pending = sorted(staged + self._pending, key=lambda w: w.seq)
         self._drop_stale()
         if not self._pending:
             return
-        chosen = form_batch([len(w.ids) for w in self._pending], self.limits)
+        lengths = [len(w.ids) for w in self._pending]
+        chosen = form_batch(lengths, self.limits)
+        if pieces > 1 and len(chosen) == len(lengths) and len(chosen) > 1:
+            # All the work there is fits one batch: split it, one piece per free thread.
+            piece = replace(self.limits, max_batch_size=max(1, len(chosen) // pieces))
+            chosen = form_batch(lengths, piece)
         batch = [self._pending[i] for i in chosen]
         oldest_wait = time.monotonic() - self._pending[0].admitted
         if not busy and not self._full(batch) and oldest_wait < self.queue.max_wait_s:
@@ -187,6 +194,18 @@ class Batcher:
             taker = self._taker()
             if taker is not None:
                 taker.notify()
+
+    def _pieces(self) -> int:
+        """Into how many forwards side by side the work goes when it all fits one batch.
+
+        With as many model workers as threads, one per free thread: pieces on one thread
+        each finish sooner together than one batch over those threads (`service.cores`).
+        Else 1: a lone batch takes the free threads.
+        """
+        cores = self._cores
+        if cores is None or cores.threads != cores.workers:
+            return 1
+        return max(1, cores.free)
 
     def _taker(self) -> threading.Condition | None:
         """Where the model thread that can start a batch now waits (None: all are busy)."""

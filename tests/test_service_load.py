@@ -358,6 +358,43 @@ def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_al
     assert metrics['warm_forwards_total{threads="1"}'] >= 2
 
 
+@pytest.mark.usefixtures("restore_torch_threads")
+@pytest.mark.parametrize(("workers", "pieces"), [(2, [(4, 1), (4, 1)]), (1, [(8, None)])])
+def test_work_that_fits_one_batch_is_split_one_piece_per_free_thread(
+    gpt2_rm: Path, workers: int, pieces: list[tuple[int, int | None]]
+) -> None:
+    settings = settings_for(
+        gpt2_rm, torch_threads=2, model_workers=workers, tune_batch_tokens=False
+    )
+    texts = [f"{TEXT} {word}" for word in "abcdefgh"]
+    lock = threading.Lock()
+    in_flight: list[int] = []
+    seen: list[tuple[int, int | None, int]] = []  # items, threads asked, forwards in flight
+    with live_server(settings) as live, live.client() as client:
+        alone = [client.post("/v1/score", json=items(1, t)).json()["results"][0] for t in texts]
+
+        def recording(forward: Forward) -> Forward:
+            def run(sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+                with lock:
+                    in_flight.append(1)
+                    seen.append((len(sequences), threads, len(in_flight)))
+                outputs = forward(sequences, threads)
+                time.sleep(0.2)  # hold it: the other piece starts meanwhile
+                with lock:
+                    in_flight.pop()
+                return outputs
+
+            return run
+
+        wrap_forward(live, recording)
+        together = client.post("/v1/score", json={"items": [{"text": t} for t in texts]})
+    assert together.status_code == 200
+    assert sorted(s[:2] for s in seen) == pieces
+    assert max(s[2] for s in seen) == len(pieces)  # the pieces ran side by side
+    for got, one in zip(together.json()["results"], alone, strict=True):
+        assert abs(got["reward"] - one["reward"]) < 1e-5
+
+
 def _thread_nice(tid: int) -> int:
     # /proc/self/task/TID/stat: field 19 is the nice value (after the parenthesised name).
     stat = Path(f"/proc/self/task/{tid}/stat").read_text()
