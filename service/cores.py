@@ -12,7 +12,8 @@ each idle side worker that one of those batches could keep busy. The side worker
 while the primary is running one, and always on one thread. A forward starts only on a free
 thread, so the cores are never oversubscribed; and only the primary ever runs an OpenMP
 team of several threads (with two such teams, the lone forwards of a 2-core machine took
-twice as long).
+twice as long). The batcher, for its part, splits work that fits one batch into a piece
+per free thread when there are as many workers as threads (`Batcher._pieces`).
 """
 
 from __future__ import annotations

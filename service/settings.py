@@ -80,7 +80,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Forward passes run at once on a CPU: with work queued, each on one of "
-        "the torch threads; a batch with nothing queued behind it takes every free thread "
+        "the torch threads; a lone item takes every free thread, and with one worker per "
+        "thread, work that fits one batch is split into a piece per free thread "
         "(default: as many as torch threads on a CPU; more than 1 is refused on CUDA).",
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
