@@ -72,6 +72,7 @@ class Batcher:
         self._side = threading.Condition(lock)  # model threads beside the primary wait on it
         self._wake = asyncio.Event()
         self._seq = 0
+        self._due = -1  # items up to this seq were due as one batch when it was split
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[Future[None]] = []
         self._side_pool: ThreadPoolExecutor | None = None
@@ -177,16 +178,20 @@ class Batcher:
             return
         lengths = [len(w.ids) for w in self._pending]
         chosen = form_batch(lengths, self.limits)
-        if pieces > 1 and len(chosen) == len(lengths) and len(chosen) > 1:
-            # All the work there is fits one batch: split it, one piece per free thread.
-            piece = replace(self.limits, max_batch_size=max(1, len(chosen) // pieces))
-            chosen = form_batch(lengths, piece)
         batch = [self._pending[i] for i in chosen]
         oldest_wait = time.monotonic() - self._pending[0].admitted
-        if not busy and not self._full(batch) and oldest_wait < self.queue.max_wait_s:
+        due = self._pending[0].seq <= self._due  # the rest of a batch already split: go
+        if not (busy or due or self._full(batch)) and oldest_wait < self.queue.max_wait_s:
             assert self._loop is not None
             self._loop.call_later(self.queue.max_wait_s - oldest_wait, self._wake.set)
             return
+        if pieces > 1 and len(chosen) == len(lengths) and len(chosen) > 1:
+            # All the work there is fits one batch: one piece per free thread. The smallest
+            # goes first, so that the primary counts the rest as queued behind it.
+            piece = replace(self.limits, max_batch_size=max(1, len(chosen) // pieces))
+            chosen = form_batch(lengths, piece)
+            batch = [self._pending[i] for i in chosen]
+            self._due = max(w.seq for w in self._pending)
         taken = set(chosen)
         self._pending = [w for i, w in enumerate(self._pending) if i not in taken]
         with self._cond:

@@ -3,7 +3,7 @@
 On a CPU, one forward pass over two threads is not twice as fast as over one: its OpenMP
 team meets at a barrier after every operator, so whenever the HTTP front, the tokeniser or
 the OS takes one core for a moment, the other cores wait. Forwards on one thread each never
-wait for each other, and score more items per second under load. A lone batch, though,
+wait for each other, and score more items per second under load. A lone item, though,
 finishes sooner on every thread.
 
 So worker 0, the primary, takes every batch it can: with little queued behind the batch it

@@ -170,9 +170,19 @@ def test_a_failing_forward_fails_only_its_batch(gpt2_rm: Path) -> None:
     assert metrics["warm_queue_requests"] == 0
 
 
-def test_max_wait_fills_batches_from_staggered_arrivals(gpt2_rm: Path) -> None:
-    with live_server(settings_for(gpt2_rm, max_wait_ms=300)) as live:
-        before = live.metrics()
+def staggered_batches(settings: Settings) -> list[int]:
+    """The batch sizes of four 1-item requests sent 20 ms apart."""
+    with live_server(settings) as live:
+        sizes: list[int] = []
+
+        def recording(forward: Forward) -> Forward:
+            def run(sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+                sizes.append(len(sequences))
+                return forward(sequences, threads)
+
+            return run
+
+        wrap_forward(live, recording)
         threads = [
             threading.Thread(
                 target=httpx.post, args=(f"{live.url}/v1/score",), kwargs={"json": items(1)}
@@ -184,9 +194,21 @@ def test_max_wait_fills_batches_from_staggered_arrivals(gpt2_rm: Path) -> None:
             time.sleep(0.02)
         for thread in threads:
             thread.join()
-        after = live.metrics()
-    assert after["warm_batch_size_count"] - before["warm_batch_size_count"] == 1
-    assert after["warm_batch_size_sum"] - before["warm_batch_size_sum"] == 4
+    return sizes
+
+
+def test_max_wait_fills_batches_from_staggered_arrivals(gpt2_rm: Path) -> None:
+    assert staggered_batches(settings_for(gpt2_rm, max_wait_ms=300, model_workers=1)) == [4]
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_a_batch_filled_by_max_wait_is_split_once_and_its_rest_does_not_wait_again(
+    gpt2_rm: Path,
+) -> None:
+    # Two pieces of 2 side by side; the second piece's oldest item arrived 40 ms after the
+    # first's, and does not wait for max_wait again (then splitting again into 1 + 1).
+    settings = settings_for(gpt2_rm, max_wait_ms=300, torch_threads=2, model_workers=2)
+    assert staggered_batches(settings) == [2, 2]
 
 
 def test_metrics_export_every_warm_series(gpt2_rm: Path) -> None:
@@ -363,13 +385,20 @@ def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_al
 def test_work_that_fits_one_batch_is_split_one_piece_per_free_thread(
     gpt2_rm: Path, workers: int, pieces: list[tuple[int, int | None]]
 ) -> None:
+    # A large fixed cost per forward: the batch former takes all 8 items whatever their
+    # lengths, and no warm-up measures a different one.
     settings = settings_for(
-        gpt2_rm, torch_threads=2, model_workers=workers, tune_batch_tokens=False
+        gpt2_rm,
+        torch_threads=2,
+        model_workers=workers,
+        warmup=False,
+        batch_overhead_tokens=10_000,
     )
     texts = [f"{TEXT} {word}" for word in "abcdefgh"]
     lock = threading.Lock()
     in_flight: list[int] = []
     seen: list[tuple[int, int | None, int]] = []  # items, threads asked, forwards in flight
+    meet = threading.Barrier(len(pieces), timeout=30)
     with live_server(settings) as live, live.client() as client:
         alone = [client.post("/v1/score", json=items(1, t)).json()["results"][0] for t in texts]
 
@@ -379,7 +408,7 @@ def test_work_that_fits_one_batch_is_split_one_piece_per_free_thread(
                     in_flight.append(1)
                     seen.append((len(sequences), threads, len(in_flight)))
                 outputs = forward(sequences, threads)
-                time.sleep(0.2)  # hold it: the other piece starts meanwhile
+                meet.wait()  # breaks (an error) unless every piece runs at once
                 with lock:
                     in_flight.pop()
                 return outputs
