@@ -284,7 +284,8 @@ def test_warm_serve_without_a_model_or_a_built_demo_says_how_to_get_one(tmp_path
 
 
 def test_a_backend_returning_the_wrong_shape_fails_its_batch_cleanly(gpt2_rm: Path) -> None:
-    with live_server(settings_for(gpt2_rm)) as live, live.client() as client:
+    # One worker: the 3 items stay one batch (with more, they may be split across them).
+    with live_server(settings_for(gpt2_rm, model_workers=1)) as live, live.client() as client:
         original = wrap_forward(
             live, lambda forward: lambda seqs, threads=None: forward(seqs, threads)[1:]
         )
