@@ -382,15 +382,22 @@ def test_model_threads_share_the_cores_under_load_and_a_lone_batch_takes_them_al
 
 
 @pytest.mark.usefixtures("restore_torch_threads")
-@pytest.mark.parametrize(("workers", "pieces"), [(2, [(4, 1), (4, 1)]), (1, [(8, None)])])
+@pytest.mark.parametrize(
+    ("threads", "workers", "pieces"),
+    [
+        (2, 2, [(4, 1), (4, 1)]),  # a worker per thread: a piece per thread
+        (3, 2, [(8, 3)]),  # fewer workers than threads: the lone batch takes them all
+        (2, 1, [(8, None)]),  # one worker: one forward on the backend's own threads
+    ],
+)
 def test_work_that_fits_one_batch_is_split_one_piece_per_free_thread(
-    gpt2_rm: Path, workers: int, pieces: list[tuple[int, int | None]]
+    gpt2_rm: Path, threads: int, workers: int, pieces: list[tuple[int, int | None]]
 ) -> None:
     # A large fixed cost per forward: the batch former takes all 8 items whatever their
     # lengths, and no warm-up measures a different one.
     settings = settings_for(
         gpt2_rm,
-        torch_threads=2,
+        torch_threads=threads,
         model_workers=workers,
         warmup=False,
         batch_overhead_tokens=10_000,
