@@ -170,14 +170,14 @@ def test_a_failing_forward_fails_only_its_batch(gpt2_rm: Path) -> None:
     assert metrics["warm_queue_requests"] == 0
 
 
-def staggered_batches(settings: Settings) -> list[int]:
-    """The batch sizes of four 1-item requests sent 20 ms apart."""
+def staggered_batches(settings: Settings, gap: float) -> list[tuple[float, int]]:
+    """(start time, size) of each forward for four 1-item requests sent `gap` s apart."""
     with live_server(settings) as live:
-        sizes: list[int] = []
+        forwards: list[tuple[float, int]] = []
 
         def recording(forward: Forward) -> Forward:
             def run(sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
-                sizes.append(len(sequences))
+                forwards.append((time.monotonic(), len(sequences)))
                 return forward(sequences, threads)
 
             return run
@@ -191,24 +191,28 @@ def staggered_batches(settings: Settings) -> list[int]:
         ]
         for thread in threads:
             thread.start()
-            time.sleep(0.02)
+            time.sleep(gap)
         for thread in threads:
             thread.join()
-    return sizes
+    return forwards
 
 
 def test_max_wait_fills_batches_from_staggered_arrivals(gpt2_rm: Path) -> None:
-    assert staggered_batches(settings_for(gpt2_rm, max_wait_ms=300, model_workers=1)) == [4]
+    settings = settings_for(gpt2_rm, max_wait_ms=300, model_workers=1)
+    assert [size for _, size in staggered_batches(settings, 0.02)] == [4]
 
 
 @pytest.mark.usefixtures("restore_torch_threads")
-def test_a_batch_filled_by_max_wait_is_split_once_and_its_rest_does_not_wait_again(
+def test_a_batch_filled_by_max_wait_is_split_and_its_rest_does_not_wait_again(
     gpt2_rm: Path,
 ) -> None:
-    # Two pieces of 2 side by side; the second piece's oldest item arrived 40 ms after the
-    # first's, and does not wait for max_wait again (then splitting again into 1 + 1).
-    settings = settings_for(gpt2_rm, max_wait_ms=300, torch_threads=2, model_workers=2)
-    assert staggered_batches(settings) == [2, 2]
+    # Arrivals at about 0, 0.1, 0.2 and 0.3 s; at 0.5 s the first has waited max_wait and
+    # all four are due: two go first, and the rest follows at once, not when its own oldest
+    # item (0.2 s) has waited max_wait too (0.7 s).
+    settings = settings_for(gpt2_rm, max_wait_ms=500, torch_threads=2, model_workers=2)
+    forwards = staggered_batches(settings, 0.1)
+    assert forwards[0][1] == 2 and sum(size for _, size in forwards) == 4
+    assert forwards[-1][0] - forwards[0][0] < 0.15  # without: about 0.2 s later
 
 
 def test_metrics_export_every_warm_series(gpt2_rm: Path) -> None:
