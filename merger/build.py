@@ -200,7 +200,7 @@ class _Averager:
             self._ctx.reader.read(info, rows, x)
             accumulate(acc, x, weight, promoted, first=i == 0)
             self._ctx.progress(x.nbytes)
-        return self._rounder.round(acc, to_torch(target.dtype), divisor=self._total)
+        return self._rounder.round(acc, to_torch(target.dtype), divisor=self._total, consume=True)
 
 
 def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:

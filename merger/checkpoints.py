@@ -50,7 +50,7 @@ CONVERT_HINT = (
     "AutoModelForSequenceClassification.from_pretrained(DIR).save_pretrained(OUT) "
     "(safetensors is the default)"
 )
-_HASH_BLOCK = 8 << 20
+_HASH_BLOCK = 1 << 20  # stays in cache between the read and the hash
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,15 @@ class Checkpoint:
 
 
 def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
-    """Hex SHA-256 of a file, read in large blocks; `stop` cancels a long hash."""
+    """Hex SHA-256 of a file, read into one reused buffer; `stop` cancels a long hash."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
+    block = bytearray(_HASH_BLOCK)
+    view = memoryview(block)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(block):
             if stop is not None and stop.is_set():
                 raise MergeError(f"{path}: hashing cancelled")
-            digest.update(block)
+            digest.update(view[:n])
     return digest.hexdigest()
 
 

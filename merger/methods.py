@@ -9,7 +9,6 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 # Every merge sums in fp64: the weighted sum of fp32/bf16/fp16 inputs with small integer
@@ -70,15 +69,18 @@ def liti_weights(weights: Sequence[float], eta: float) -> tuple[float, tuple[flo
     return (1.0 - eta) * total, tuple(eta * w for w in weights)
 
 
-# (mask, pattern) of the fp32 bits that a 16-bit format drops, when they make an exact tie.
-_TIE_BITS = {torch.bfloat16: (0xFFFF, 0x8000), torch.float16: (0x1FFF, 0x1000)}
-_FP16_MIN_NORMAL = 2.0**-14  # below it fp16 drops more than 13 bits of an fp32
-_FP16_MIN_NORMAL_BITS = 0x38800000  # the fp32 bits of 2^-14
+# fp64 keeps 29 more fraction bits than fp32. Rounding fp64 to *odd* at fp32's precision
+# (clear those bits; set the lowest kept one when any was set) makes the second rounding,
+# to a format at least 2 bits narrower than fp32, the correctly rounded one.
+_FP32_DROPPED = (1 << 29) - 1
+_FP32_MIN_NORMAL_BITS = 0x00800000  # below it fp32 is subnormal: fewer than 24 bits kept
+_MAGNITUDE_32 = 0x7FFFFFFF
 
 
 def _round_via_odd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Round fp64 -> fp32 *to odd* (truncate, set the last bit when inexact): the second
-    # rounding to a format at least 2 bits narrower is then the correctly rounded one.
+    # Round fp64 -> fp32 *to odd* by way of fp32's own cast (correct in its subnormal range
+    # too): truncate, set the last bit when inexact. Used for the few elements below fp32's
+    # normal range, where the bit-level rounding in Rounder does not apply.
     r = x.to(torch.float32)
     back = r.to(torch.float64)
     inexact = (back != x) & ~torch.isnan(x)
@@ -92,8 +94,7 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Correctly rounded (nearest-even) cast of an fp64 tensor to `dtype`.
 
     torch casts fp64 to bf16/fp16 through fp32, rounding twice: wrong exactly when the fp32
-    value lands on a 16-bit tie it did not start on. Those elements (about 2^-16 of them,
-    plus fp16's subnormal range) are found by their fp32 bits and re-rounded via round-to-odd.
+    value lands on a 16-bit tie it did not start on. Rounding to odd on the way avoids it.
     """
     return Rounder(BufferPool(x.numel())).round(x, dtype)
 
@@ -122,53 +123,62 @@ class BufferPool:
         return view
 
 
+def _divide(x: torch.Tensor, divisor: float, out: torch.Tensor) -> torch.Tensor:
+    """x / divisor into `out` (which may be x); a multiplication when that is exact."""
+    if divisor == 1.0:
+        return out if out is x else out.copy_(x)
+    if math.frexp(divisor)[0] == 0.5:  # 2^k: x * 2^-k is the same fp64 result, ~3x faster
+        return torch.mul(x, 1.0 / divisor, out=out)
+    return torch.div(x, divisor, out=out)
+
+
 class Rounder:
     """`round_to` into buffers of a pool; a returned tensor is valid until the next call."""
 
     def __init__(self, pool: BufferPool) -> None:
         self._pool = pool
 
-    def round(self, x: torch.Tensor, dtype: torch.dtype, divisor: float = 1.0) -> torch.Tensor:
+    def round(
+        self, x: torch.Tensor, dtype: torch.dtype, divisor: float = 1.0, *, consume: bool = False
+    ) -> torch.Tensor:
         """x / divisor (x fp64, the quotient rounded to fp64 first) correctly rounded to
-        `dtype`, in a reused buffer. The division is fused into the first cast: one pass less."""
+        `dtype`, in a reused buffer; with `consume`, x (contiguous fp64) is overwritten.
+
+        To fp32 that is one rounding. To bf16/fp16, the quotient is first rounded to odd at
+        fp32's precision with integer operations on its bits, so torch's cast through fp32
+        rounds correctly: four whole-chunk passes and no per-element branch.
+        """
         x = x.contiguous()
-        if dtype not in _TIE_BITS:  # fp64 -> fp32 is one rounding
-            return torch.div(x, divisor, out=self._pool.get("rounded", dtype, x.shape))
-        r = torch.div(x, divisor, out=self._pool.get("round-fp32", torch.float32, x.shape))
+        if dtype not in (torch.bfloat16, torch.float16):  # fp64 -> fp32 is one rounding
+            return _divide(x, divisor, self._pool.get("rounded", dtype, x.shape))
+        if consume and x.dtype is not torch.float64:
+            raise ValueError(f"consume needs an fp64 tensor, got {x.dtype}")
+        q = x if consume else self._pool.get("round-q", torch.float64, x.shape)
+        bits = _divide(x, divisor, q).view(torch.int64)
+        # (dropped bits + all ones) carries into the lowest kept bit exactly when any dropped
+        # bit is set; OR that in, then clear the dropped bits. Inf and NaN stay what they are.
+        sticky = self._pool.get("round-sticky", torch.int64, bits.shape)
+        torch.bitwise_and(bits, _FP32_DROPPED, out=sticky).add_(_FP32_DROPPED)
+        bits.bitwise_or_(sticky).bitwise_and_(~_FP32_DROPPED)
+        r = self._pool.get("round-fp32", torch.float32, x.shape).copy_(q)  # exact, or subnormal
         out = self._pool.get("rounded", dtype, x.shape).copy_(r)
-        idx = self._suspects(r, dtype)
-        if not idx.size:
-            return out
-        flat_idx = torch.from_numpy(idx)
-        quotient = x.view(-1)[flat_idx] / divisor
-        # Where the fp32 step was exact, the cast was a single rounding after all.
-        inexact = quotient != r.view(-1)[flat_idx]
-        out.view(-1)[flat_idx[inexact]] = _round_via_odd(quotient[inexact], dtype)
+        if dtype is torch.bfloat16:  # fp16 flushes fp32's subnormal range to +-0 anyway
+            self._fix_subnormal(q, r, out)
         return out
 
-    def _suspects(self, r: torch.Tensor, dtype: torch.dtype) -> npt.NDArray[np.int64]:
-        """Flat indexes where r (fp32) is on a `dtype` tie (or, for fp16, below its normals).
-
-        Integer reductions over the fp32 bits rule most chunks out without a bool mask.
-        """
-        bits = r.view(-1).view(torch.int32)
-        if not bits.numel():
-            return np.empty(0, dtype=np.int64)
-        mask, tie = _TIE_BITS[dtype]
-        distance = self._pool.get("round-tie", torch.int32, bits.shape)
-        torch.bitwise_and(bits, mask, out=distance).sub_(tie).abs_()  # 0 exactly on a tie
-        found = int(distance.min()) == 0
-        magnitude = None
-        if dtype is torch.float16:
-            magnitude = self._pool.get("round-magnitude", torch.int32, bits.shape)
-            torch.bitwise_and(bits, 0x7FFFFFFF, out=magnitude)  # |r| as bits
-            found = found or int(magnitude.min()) < _FP16_MIN_NORMAL_BITS
-        if not found:
-            return np.empty(0, dtype=np.int64)
-        suspect = distance.numpy() == 0
-        if magnitude is not None:
-            suspect |= magnitude.numpy() < _FP16_MIN_NORMAL_BITS
-        return np.flatnonzero(suspect)
+    def _fix_subnormal(self, odd: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> None:
+        """Re-round the elements in fp32's subnormal range, where the cast of `odd` (rounded
+        to odd at 24 bits) to fp32 rounded again: rounding it to odd on fp32's own grid
+        gives what rounding the quotient there would (odd rounding composes)."""
+        magnitude = self._pool.get("round-magnitude", torch.int32, r.shape)
+        torch.bitwise_and(r.view(torch.int32), _MAGNITUDE_32, out=magnitude)
+        # magnitude - 1, with 0 (an exact zero) wrapped to the largest value: one reduction.
+        magnitude.sub_(1).bitwise_and_(_MAGNITUDE_32)
+        if int(magnitude.min()) >= _FP32_MIN_NORMAL_BITS - 1:
+            return
+        tiny = magnitude.view(-1).numpy() < _FP32_MIN_NORMAL_BITS - 1
+        idx = torch.from_numpy(np.flatnonzero(tiny))
+        out.view(-1)[idx] = _round_via_odd(odd.view(-1)[idx], out.dtype)
 
 
 def slerp_pair(d1: torch.Tensor, d2: torch.Tensor, t: float) -> torch.Tensor:

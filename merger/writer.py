@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,12 +118,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_FOLLOW_BLOCK = 8 << 20  # bytes read back per hash update while following a writer
+_FOLLOW_BLOCK = 1 << 20  # bytes read back per hash update while following a writer
 _FOLLOW_POLL_S = 0.1  # how often a waiting follower checks for cancellation
+# Bytes handed to the writing thread and not yet written (one bigger chunk is admitted alone).
+_WRITE_QUEUE_BYTES = 32 << 20
 
 
 class ShardWriter:
     """Writes one shard's tensors in order, chunk by chunk; checks every byte count.
+
+    `write` checks a chunk and hands a copy to this shard's writing thread, so the merge
+    goes on computing while the kernel takes the bytes (on the measured machine a write
+    sometimes stalls for tens of milliseconds). At most _WRITE_QUEUE_BYTES are pending; a failed
+    write is raised by the next `write` or by `complete`.
 
     The header's metadata is only final once the inputs are hashed, so the shard is written
     with a draft header of the same length; `seal` (on another thread) writes the final one
@@ -139,8 +147,16 @@ class ShardWriter:
         self._end = 0  # bytes in the file
         self._done = False
         self._aborted = False
-        self._grown = threading.Condition()
+        self._grown = threading.Condition()  # guards everything below and the fields above
+        self._queue: deque[bytes] = deque()
+        self._queued = 0  # bytes in _queue
+        self._closing = False  # no more chunks will come
+        self._error: MergeError | None = None
         self._append(memoryview(self._header))
+        self._thread = threading.Thread(
+            target=self._drain, name=f"warm-merge-write-{path.name}", daemon=True
+        )
+        self._thread.start()
 
     def _append(self, data: memoryview) -> None:
         done = 0
@@ -148,6 +164,41 @@ class ShardWriter:
             done += os.write(self._fd, data[done:])
         with self._grown:
             self._end += data.nbytes
+            self._grown.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._grown:
+                while not self._queue and not (self._closing or self._aborted):
+                    self._grown.wait()
+                if self._aborted or not self._queue:
+                    return
+                data = self._queue.popleft()
+            try:
+                self._append(memoryview(data))
+            except OSError as exc:
+                with self._grown:
+                    self._error = MergeError(f"{self.path}: write failed: {exc.strerror or exc}")
+                    self._grown.notify_all()
+                return
+            with self._grown:
+                self._queued -= len(data)
+                self._grown.notify_all()
+
+    def _enqueue(self, data: bytes) -> None:
+        with self._grown:
+            while (
+                self._queued
+                and self._queued + len(data) > _WRITE_QUEUE_BYTES
+                and not (self._error or self._aborted)
+            ):
+                self._grown.wait()
+            if self._error is not None:
+                raise self._error
+            if self._aborted:
+                raise MergeError(f"{self.path.name}: write aborted")
+            self._queue.append(data)
+            self._queued += len(data)
             self._grown.notify_all()
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
@@ -164,19 +215,29 @@ class ShardWriter:
         self._written += data.nbytes
         if self._written > target.nbytes:
             raise MergeError(f"{self.path.name}: tensor {name} got more bytes than its shape holds")
-        self._append(data.data)
+        self._enqueue(data.tobytes())  # a copy: the caller reuses its buffer
         if self._written == target.nbytes:
             self._index += 1
             self._written = 0
 
     def complete(self) -> None:
-        """Check that every tensor was fully written; a follower may then finish."""
+        """Check that every tensor was fully written and wait for the writing thread; a
+        follower may then finish."""
         if self._index != len(self.shard.tensors):
             missing = self.shard.tensors[self._index].name
             raise MergeError(f"{self.path.name}: tensor {missing} was not fully written")
+        self._stop_thread()
         with self._grown:
+            if self._error is not None:
+                raise self._error
             self._done = True
             self._grown.notify_all()
+
+    def _stop_thread(self) -> None:
+        with self._grown:
+            self._closing = True
+            self._grown.notify_all()
+        self._thread.join()
 
     def seal(self, metadata: dict[str, str], stop: threading.Event) -> str:
         """Write the final header, hash the shard as it grows, fsync; return its SHA-256.
@@ -214,13 +275,18 @@ class ShardWriter:
         return digest.hexdigest()
 
     def abort(self) -> None:
-        """Stop any follower; `close` then releases the file (its directory is removed)."""
+        """Drop queued chunks, stop any follower; `close` then releases the file (its
+        directory is removed)."""
         with self._grown:
             self._aborted = True
+            self._queue.clear()
+            self._queued = 0
             self._grown.notify_all()
 
     def close(self) -> None:
-        """Close the file descriptor (after `seal` returned, or after `abort`)."""
+        """Stop the writing thread and close the file descriptor (after `seal` returned,
+        or after `abort`)."""
+        self._stop_thread()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

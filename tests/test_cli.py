@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,6 +260,29 @@ def test_failure_mid_write_leaves_nothing(
     out = tmp_path / "warm"
     code, output = run("build", *members, "--out", out)
     assert code == 130 and "nothing was written" in output
+    assert_nothing_written(tmp_path, out)
+
+
+def test_full_disk_mid_merge_is_one_line_and_leaves_nothing(
+    tmp_path: Path, members: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+    calls = 0
+
+    def full_disk(fd: int, data: bytes | memoryview) -> int:
+        nonlocal calls
+        if threading.current_thread().name.startswith("warm-merge-write"):
+            calls += 1
+            if calls == 4:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", full_disk)
+    out = tmp_path / "warm"
+    code, output = run("build", *members, "--out", out)
+    assert code == 1
+    assert "model.safetensors: write failed: No space left on device" in output
+    assert "Traceback" not in output
     assert_nothing_written(tmp_path, out)
 
 

@@ -129,6 +129,33 @@ def test_rounder_fp16_below_the_normal_range() -> None:
     assert round_to(x, torch.float16).tolist() == [2**-24, 2 * 2**-24, 0.0]
 
 
+def test_rounder_bf16_below_fp32_normal_range() -> None:
+    # bf16 subnormals are spaced 2^-133, fp32's 2^-149: a value 2^-152 above a bf16
+    # midpoint lands on it in fp32 and ties to even; the bit-level rounding to odd cannot
+    # apply there (fp32 keeps fewer bits), so these elements take the exact path.
+    tiny = [2**-134 + 2**-152, 5 * 2**-134 + 2**-152, 2**-134 - 2**-152, -(2**-134 + 2**-152)]
+    x = torch.tensor([1.0, *tiny, 0.0, 1 + 2**-8 + 2**-30], dtype=torch.float64)
+    assert x.to(torch.bfloat16)[1:3].tolist() == [0.0, 2 * 2**-133]  # torch rounds twice
+    assert round_to(x, torch.bfloat16).tolist() == [
+        1.0,
+        2**-133,
+        3 * 2**-133,
+        0.0,
+        -(2**-133),
+        0.0,
+        1 + 2**-7,
+    ]
+    got = Rounder(BufferPool(2)).round(x * 8, torch.bfloat16, divisor=8.0)
+    assert got.tolist() == round_to(x, torch.bfloat16).tolist()
+    # fp16 has nothing that small: it all rounds to zero, keeping the sign.
+    assert [str(v) for v in round_to(x[1:5], torch.float16).tolist()] == [
+        "0.0",
+        "0.0",
+        "0.0",
+        "-0.0",
+    ]
+
+
 def test_accumulate_through_a_scratch_buffer_is_the_same_sum() -> None:
     x = torch.tensor([1.5, -2.25, 2**-20], dtype=torch.bfloat16)
     plain = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64)

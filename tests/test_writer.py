@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from merger import writer as writer_module
 from merger.errors import MergeError
 from merger.writer import PlannedTensor, ShardPlan, ShardWriter
 
@@ -70,3 +74,82 @@ def test_incomplete_shard_and_a_resized_header_are_refused(tmp_path: Path) -> No
     with pytest.raises(MergeError, match="final header changed size"):
         writer.seal({"hash": "f" * 80}, threading.Event())
     writer.close()
+
+
+def _in_writing_thread() -> bool:
+    return threading.current_thread().name.startswith("warm-merge-write")
+
+
+def test_a_failed_write_is_raised_to_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+    calls = 0
+
+    def full_disk(fd: int, data: bytes | memoryview) -> int:
+        nonlocal calls
+        if _in_writing_thread():
+            calls += 1
+            if calls == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", full_disk)
+    path = tmp_path / SHARD.name
+    writer = ShardWriter(path, SHARD, DRAFT)
+
+    def write_all() -> None:
+        for _ in range(0, 64, 4):
+            writer.write("a", torch.zeros(4, 1024))
+        writer.write("b", torch.zeros(3, dtype=torch.bfloat16))
+        writer.complete()
+
+    with pytest.raises(MergeError, match=f"{path}: write failed: No space left on device"):
+        write_all()
+    writer.abort()
+    writer.close()
+    assert calls == 3  # nothing was written after the failure
+
+
+def test_chunks_waiting_for_the_disk_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the disk stalls, write() hands over at most the queue's bytes, then waits.
+    real_write = os.write
+    stalled = threading.Event()
+    release = threading.Event()
+
+    def stalling(fd: int, data: bytes | memoryview) -> int:
+        if _in_writing_thread():
+            stalled.set()
+            release.wait(30)
+        return real_write(fd, data)
+
+    chunk = 4 * 1024 * 4  # bytes in 4 rows of "a"
+    monkeypatch.setattr(writer_module, "_WRITE_QUEUE_BYTES", 2 * chunk)
+    monkeypatch.setattr(writer_module.os, "write", stalling)
+    path = tmp_path / SHARD.name
+    writer = ShardWriter(path, SHARD, DRAFT)
+    a = torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)
+    handed = 0
+
+    def produce() -> None:
+        nonlocal handed
+        for rows in range(0, 64, 4):
+            writer.write("a", a[rows : rows + 4])
+            handed += 1
+        writer.write("b", torch.ones(3, dtype=torch.bfloat16))
+        writer.complete()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert stalled.wait(30)
+    time.sleep(0.3)
+    # One chunk in the stalled write, one queued (both count), the third write() waiting.
+    assert handed == 2 and producer.is_alive()
+    release.set()
+    producer.join(30)
+    assert handed == 16 and not producer.is_alive()
+    writer.close()
+    with safe_open(str(path), framework="pt") as fh:
+        assert torch.equal(fh.get_tensor("a"), a)
