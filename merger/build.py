@@ -213,7 +213,7 @@ def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> N
     deltas = (ctx.read_whole(m.tensors[target.name]).to(ACC_DTYPE) - base for m, _ in members)
     result = slerp_task_vectors(deltas, [w for _, w in members])
     eta = 1.0 if plan.spec.liti is None else plan.spec.liti
-    writer.write(target.name, round_to(base + eta * result, to_torch(target.dtype)))
+    writer.write(target.name, round_to(base + eta * result, to_torch(target.dtype)), owned=True)
 
 
 def _copy_exact(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
@@ -226,7 +226,7 @@ def _copy_exact(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> No
                 f"{other.tensors[target.name].file}: {target.dtype} tensor {target.name} differs "
                 f"from {members[0].tensors[target.name].file}; non-floating tensors must be equal"
             )
-    writer.write(target.name, first)
+    writer.write(target.name, first, owned=True)
 
 
 def _hash_inputs(ckpts: list[Checkpoint], stop: threading.Event) -> dict[Path, dict[str, str]]:

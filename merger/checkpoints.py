@@ -144,7 +144,8 @@ class TensorReader:
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None, out: torch.Tensor) -> None:
         """Fill `out` (contiguous, info's dtype) with rows [start, stop) of the tensor, or all."""
-        row_bytes = info.numel // info.shape[0] * itemsize(info.dtype) if info.shape else 0
+        rows_in = info.shape[0] if info.shape else 0
+        row_bytes = info.numel // rows_in * itemsize(info.dtype) if rows_in else 0
         start = info.offset + (rows[0] * row_bytes if rows is not None else 0)
         view = out.view(torch.uint8).numpy().data
         fd = self._fds.get(info.file)

@@ -127,7 +127,8 @@ def _divide(x: torch.Tensor, divisor: float, out: torch.Tensor) -> torch.Tensor:
     """x / divisor into `out` (which may be x); a multiplication when that is exact."""
     if divisor == 1.0:
         return out if out is x else out.copy_(x)
-    if math.frexp(divisor)[0] == 0.5:  # 2^k: x * 2^-k is the same fp64 result, ~3x faster
+    if math.frexp(divisor)[0] == 0.5 and math.isfinite(1.0 / divisor):
+        # 2^k: x * 2^-k is the same fp64 result, ~3x faster
         return torch.mul(x, 1.0 / divisor, out=out)
     return torch.div(x, divisor, out=out)
 
@@ -170,6 +171,8 @@ class Rounder:
         """Re-round the elements in fp32's subnormal range, where the cast of `odd` (rounded
         to odd at 24 bits) to fp32 rounded again: rounding it to odd on fp32's own grid
         gives what rounding the quotient there would (odd rounding composes)."""
+        if not r.numel():
+            return
         magnitude = self._pool.get("round-magnitude", torch.int32, r.shape)
         torch.bitwise_and(r.view(torch.int32), _MAGNITUDE_32, out=magnitude)
         # magnitude - 1, with 0 (an exact zero) wrapped to the largest value: one reduction.

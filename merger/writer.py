@@ -148,7 +148,7 @@ class ShardWriter:
         self._done = False
         self._aborted = False
         self._grown = threading.Condition()  # guards everything below and the fields above
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[memoryview] = deque()
         self._queued = 0  # bytes in _queue
         self._closing = False  # no more chunks will come
         self._error: MergeError | None = None
@@ -175,21 +175,22 @@ class ShardWriter:
                     return
                 data = self._queue.popleft()
             try:
-                self._append(memoryview(data))
-            except OSError as exc:
+                self._append(data)
+            except BaseException as exc:  # whatever it is, the merge must hear of it
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
                 with self._grown:
-                    self._error = MergeError(f"{self.path}: write failed: {exc.strerror or exc}")
+                    self._error = MergeError(f"{self.path.name}: write failed: {reason}")
                     self._grown.notify_all()
                 return
             with self._grown:
-                self._queued -= len(data)
+                self._queued -= data.nbytes
                 self._grown.notify_all()
 
-    def _enqueue(self, data: bytes) -> None:
+    def _enqueue(self, data: memoryview) -> None:
         with self._grown:
             while (
                 self._queued
-                and self._queued + len(data) > _WRITE_QUEUE_BYTES
+                and self._queued + data.nbytes > _WRITE_QUEUE_BYTES
                 and not (self._error or self._aborted)
             ):
                 self._grown.wait()
@@ -198,11 +199,15 @@ class ShardWriter:
             if self._aborted:
                 raise MergeError(f"{self.path.name}: write aborted")
             self._queue.append(data)
-            self._queued += len(data)
+            self._queued += data.nbytes
             self._grown.notify_all()
 
-    def write(self, name: str, chunk: torch.Tensor) -> None:
-        """Append the next chunk of tensor `name` (rows in order, the planned dtype)."""
+    def write(self, name: str, chunk: torch.Tensor, *, owned: bool = False) -> None:
+        """Append the next chunk of tensor `name` (rows in order, the planned dtype).
+
+        The chunk is copied, as callers reuse their buffers; with `owned` (a tensor nobody
+        changes afterwards) it is queued as it is.
+        """
         if self._index >= len(self.shard.tensors):
             raise MergeError(f"{self.path.name}: tensor {name} written past the end of the shard")
         target = self.shard.tensors[self._index]
@@ -215,7 +220,7 @@ class ShardWriter:
         self._written += data.nbytes
         if self._written > target.nbytes:
             raise MergeError(f"{self.path.name}: tensor {name} got more bytes than its shape holds")
-        self._enqueue(data.tobytes())  # a copy: the caller reuses its buffer
+        self._enqueue(data.data if owned else memoryview(data.tobytes()))
         if self._written == target.nbytes:
             self._index += 1
             self._written = 0
@@ -230,6 +235,9 @@ class ShardWriter:
         with self._grown:
             if self._error is not None:
                 raise self._error
+            expected = len(self._header) + self.shard.nbytes
+            if self._end != expected:
+                raise MergeError(f"{self.path.name}: {self._end} bytes written, {expected} planned")
             self._done = True
             self._grown.notify_all()
 

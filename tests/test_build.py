@@ -232,6 +232,26 @@ def test_tied_weights_stay_tied(tmp_path: Path) -> None:
     assert max_ulp(model.embed.weight.detach(), exact_mean(states, [1, 1, 1], stored).float()) == 0
 
 
+def test_empty_tensors_merge(tmp_path: Path) -> None:
+    # Zero-size tensors (a (0, 4) buffer, a (4, 0) one) are valid safetensors: kept as such.
+    from safetensors.torch import save_file
+
+    files = []
+    for seed in range(2):
+        files.append(tmp_path / f"e{seed}.safetensors")
+        state = {
+            "score.weight": torch.full((1, 4), float(seed), dtype=torch.bfloat16),
+            "empty.rows": torch.empty(0, 4, dtype=torch.bfloat16),
+            "empty.cols": torch.empty(4, 0),
+        }
+        save_file(state, str(files[-1]))
+    out = merge(files, tmp_path / "empty")
+    merged = load_state(out / "model.safetensors")
+    assert merged["empty.rows"].shape == (0, 4) and merged["empty.rows"].dtype == torch.bfloat16
+    assert merged["empty.cols"].shape == (4, 0)
+    assert merged["score.weight"].tolist() == [[0.5] * 4]
+
+
 def test_merged_minilm_reward_model_loads_and_scores(tmp_path: Path, minilm_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     members = []

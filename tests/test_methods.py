@@ -156,6 +156,13 @@ def test_rounder_bf16_below_fp32_normal_range() -> None:
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rounder_empty_tensors(dtype: torch.dtype) -> None:
+    for shape in ((0,), (3, 0)):
+        got = round_to(torch.empty(shape, dtype=torch.float64), dtype)
+        assert got.shape == shape and got.dtype == dtype
+
+
 def test_accumulate_through_a_scratch_buffer_is_the_same_sum() -> None:
     x = torch.tensor([1.5, -2.25, 2**-20], dtype=torch.bfloat16)
     plain = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64)

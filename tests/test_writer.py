@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,21 +81,28 @@ def _in_writing_thread() -> bool:
     return threading.current_thread().name.startswith("warm-merge-write")
 
 
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+        (MemoryError(), "MemoryError()"),  # not an OSError: still the merge's error
+    ],
+)
 def test_a_failed_write_is_raised_to_the_merge(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException, reason: str
 ) -> None:
     real_write = os.write
     calls = 0
 
-    def full_disk(fd: int, data: bytes | memoryview) -> int:
+    def failing(fd: int, data: bytes | memoryview) -> int:
         nonlocal calls
         if _in_writing_thread():
             calls += 1
             if calls == 3:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise failure
         return real_write(fd, data)
 
-    monkeypatch.setattr(writer_module.os, "write", full_disk)
+    monkeypatch.setattr(writer_module.os, "write", failing)
     path = tmp_path / SHARD.name
     writer = ShardWriter(path, SHARD, DRAFT)
 
@@ -104,7 +112,7 @@ def test_a_failed_write_is_raised_to_the_merge(
         writer.write("b", torch.zeros(3, dtype=torch.bfloat16))
         writer.complete()
 
-    with pytest.raises(MergeError, match=f"{path}: write failed: No space left on device"):
+    with pytest.raises(MergeError, match=re.escape(f"{path.name}: write failed: {reason}")):
         write_all()
     writer.abort()
     writer.close()
@@ -141,13 +149,18 @@ def test_chunks_waiting_for_the_disk_are_bounded(
         writer.write("b", torch.ones(3, dtype=torch.bfloat16))
         writer.complete()
 
-    producer = threading.Thread(target=produce)
+    producer = threading.Thread(target=produce, daemon=True)
     producer.start()
-    assert stalled.wait(30)
-    time.sleep(0.3)
-    # One chunk in the stalled write, one queued (both count), the third write() waiting.
-    assert handed == 2 and producer.is_alive()
-    release.set()
+    try:
+        assert stalled.wait(30)
+        deadline = time.monotonic() + 30
+        while handed < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # time for a third write() to get through, were the bound broken
+        # One chunk in the stalled write, one queued (both count), the third write() waiting.
+        assert handed == 2 and producer.is_alive()
+    finally:
+        release.set()
     producer.join(30)
     assert handed == 16 and not producer.is_alive()
     writer.close()
