@@ -127,10 +127,11 @@ _WRITE_QUEUE_BYTES = 32 << 20
 class ShardWriter:
     """Writes one shard's tensors in order, chunk by chunk; checks every byte count.
 
-    `write` checks a chunk and hands a copy to this shard's writing thread, so the merge
-    goes on computing while the kernel takes the bytes (on the measured machine a write
-    sometimes stalls for tens of milliseconds). At most _WRITE_QUEUE_BYTES are pending; a failed
-    write is raised by the next `write` or by `complete`.
+    `write` checks a chunk and hands it (a copy, unless the caller owns it) to this shard's
+    writing thread, so the merge goes on computing while the kernel takes the bytes (on the
+    measured machine a write sometimes stalls for tens of milliseconds). At most
+    _WRITE_QUEUE_BYTES are pending; a failed write is raised by the next `write` or by
+    `complete`.
 
     The header's metadata is only final once the inputs are hashed, so the shard is written
     with a draft header of the same length; `seal` (on another thread) writes the final one
@@ -149,7 +150,7 @@ class ShardWriter:
         self._aborted = False
         self._grown = threading.Condition()  # guards everything below and the fields above
         self._queue: deque[memoryview] = deque()
-        self._queued = 0  # bytes in _queue
+        self._queued = 0  # bytes queued or being written
         self._closing = False  # no more chunks will come
         self._error: MergeError | None = None
         self._append(memoryview(self._header))
@@ -288,7 +289,6 @@ class ShardWriter:
         with self._grown:
             self._aborted = True
             self._queue.clear()
-            self._queued = 0
             self._grown.notify_all()
 
     def close(self) -> None:
