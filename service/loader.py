@@ -20,7 +20,7 @@ from merger.demo import demo_artifact
 from merger.errors import VerifyError
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from service.backends.base import Backend
-from service.backends.transformers import TransformersBackend
+from service.backends.transformers import CompileError, TransformersBackend
 from service.cores import CoreShare
 from service.encoding import Encoder
 from service.settings import Settings
@@ -171,7 +171,9 @@ def core_share(settings: Settings, backend: Backend) -> CoreShare | None:
         return None
     threads = torch.get_num_threads()
     if workers is None:
-        workers = threads
+        # Compiled forwards side by side on one thread each score fewer items per second
+        # than one at a time on every thread (benchmarks/RESULTS.md): eager ones, more.
+        workers = 1 if settings.compile else threads
     if workers > threads:
         raise LoadError(
             f"model_workers {workers} exceeds the {threads} torch threads (set torch_threads)"
@@ -184,14 +186,18 @@ def make_backend(
 ) -> Backend:
     """The backend the settings name, holding the model."""
     if settings.backend == "transformers":
-        return TransformersBackend(
-            model_dir,
-            device=settings.device,
-            dtype=settings.dtype,
-            max_length=max_length,
-            pad_token_id=pad,
-            trust_remote_code=settings.trust_remote_code,
-        )
+        try:
+            return TransformersBackend(
+                model_dir,
+                device=settings.device,
+                dtype=settings.dtype,
+                max_length=max_length,
+                pad_token_id=pad,
+                trust_remote_code=settings.trust_remote_code,
+                compile=settings.compile,
+            )
+        except CompileError as error:
+            raise LoadError(str(error)) from error
     from service.backends.vllm import VLLMBackend  # imports vllm: only when asked for
 
     try:

@@ -166,6 +166,9 @@ class ModelCard(BaseModel):
     dtype: str
     device: str
     backend: str
+    compiled: bool = Field(
+        False, description="The transformers backend runs the model through torch.compile."
+    )
     max_length: int
     chat_template: bool
     limits: Limits

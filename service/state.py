@@ -126,8 +126,9 @@ class ServiceState:
                 f"overhead {model.overhead_tokens:.0f} tokens"
             )
         log.info(
-            "serving %s (%s, %s on %s, max %d tokens; %s)",
-            model.model_id, info.architecture, info.dtype, info.device, info.max_length, how,
+            "serving %s (%s%s, %s on %s, max %d tokens; %s)",
+            model.model_id, info.architecture, ", torch.compile" if info.compiled else "",
+            info.dtype, info.device, info.max_length, how,
         )  # fmt: skip
 
     def start_draining(self) -> None:

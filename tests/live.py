@@ -95,8 +95,9 @@ def live_server(
     try:
         wait_until(lambda: server.started, what="server start")
         if ready:
-            wait_until(
+            wait_until(  # a compiled model compiles before it is ready: tens of seconds
                 lambda: httpx.get(f"{live.url}/ready", timeout=5).status_code == 200,
+                timeout=180,
                 what="/ready",
             )
         yield live

@@ -54,11 +54,16 @@ def settings_for(model: Path, **overrides: object) -> Settings:
 # The API suite runs against both backends. vLLM's CPU attention needs head size 32, hence
 # conftest's *_vllm variants of the tiny models; its kernels differ from PyTorch's by
 # rounding, hence its looser tolerance against a direct transformers forward.
+# The compiled variants run the same suite through torch.compile (Inductor), which must
+# keep the same tolerance as eager PyTorch.
 VLLM = {"backend": "vllm", "vllm_enforce_eager": True, "vllm_kv_cache_gib": 0.25}
+COMPILED = {"compile": True}
 SERVED = {  # id: (model fixture, backend settings, tolerance)
     "gpt2": ("gpt2_rm", {}, 1e-5),
     "bert": ("bert_rm", {}, 1e-5),
     "minilm": ("minilm_rm", {}, 1e-5),
+    "gpt2-compiled": ("gpt2_rm", COMPILED, 1e-5),
+    "bert-compiled": ("bert_rm", COMPILED, 1e-5),
     "gpt2-vllm": ("gpt2_rm_vllm", VLLM, 1e-4),
     "bert-vllm": ("bert_rm_vllm", VLLM, 1e-4),
     "minilm-vllm": ("minilm_rm", VLLM, 1e-4),
@@ -73,6 +78,7 @@ class Served:
     model_dir: Path
     backend: str
     tol: float
+    compiled: bool
 
 
 @pytest.fixture(
@@ -84,11 +90,12 @@ class Served:
 def server(request: pytest.FixtureRequest) -> Iterator[Served]:
     """A live server per tiny architecture and backend."""
     fixture, overrides, tol = SERVED[request.param]
-    if overrides:
+    backend = str(overrides.get("backend", "transformers"))
+    if backend == "vllm":
         request.getfixturevalue("needs_vllm")
     model_dir: Path = request.getfixturevalue(fixture)
     with live_server(settings_for(model_dir, **overrides)) as live:
-        yield Served(live, model_dir, str(overrides.get("backend", "transformers")), tol)
+        yield Served(live, model_dir, backend, tol, bool(overrides.get("compile")))
 
 
 MIXED_ITEMS = [
@@ -237,8 +244,8 @@ def test_models_describes_the_served_model(server: Served) -> None:
     assert card.architecture == f"{arch}ForSequenceClassification"
     assert card.id == model_dir.name and card.manifest is None
     assert len(card.fingerprint) == 64
-    assert (card.dtype, card.device, card.backend, card.num_labels) == (
-        "float32", "cpu", server.backend, 1,
+    assert (card.dtype, card.device, card.backend, card.num_labels, card.compiled) == (
+        "float32", "cpu", server.backend, 1, server.compiled,
     )  # fmt: skip
     assert card.max_length == limit and card.limits.max_tokens_per_item == limit
     assert card.limits.max_items_per_request == Settings().max_items_per_request

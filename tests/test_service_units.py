@@ -278,7 +278,7 @@ def test_settings_defaults() -> None:
     assert (s.device, s.dtype, s.max_length, s.truncation_side) == ("auto", "auto", None, "left")
     assert (s.separator, s.reward_index, s.trust_remote_code) == (DEFAULT_SEPARATOR, 0, False)
     assert (s.torch_threads, s.warmup, s.batch_overhead_tokens) == (None, True, None)
-    assert (s.model_workers, s.front_nice) == (None, 0)
+    assert (s.model_workers, s.front_nice, s.compile) == (None, 0, False)
     assert (s.max_batch_size, s.max_batch_tokens, s.max_wait_ms) == (64, 16384, 0.0)
     # 1 << 20 = 1048576; 32 << 20 = 33554432.
     assert (s.max_queue_requests, s.max_queue_tokens, s.max_body_bytes) == (1024, 1048576, 33554432)

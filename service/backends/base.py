@@ -20,6 +20,7 @@ class ModelInfo:
     device: str
     max_length: int
     backend: str
+    compiled: bool = False  # torch.compile'd by warm-serve (the transformers backend's --compile)
 
 
 class Backend(Protocol):

@@ -3,6 +3,12 @@
 Batches are right-padded with the model's pad token and an attention mask, so encoders
 pool their first token and decoder classifiers (GPT-2, Llama, ...) read their last real
 token, exactly as a direct forward pass over one unpadded item does.
+
+With `compile`, the forward runs through `torch.compile` with dynamic shapes and the
+weights frozen as constants (on a CPU, Inductor then fuses the elementwise operators and
+hands oneDNN pre-packed weights). Dynamo specialises dimensions of size 0 and 1, so a
+compiled model has two graphs, one batch item and several, both compiled before serving;
+batches are padded to at least two tokens, so that no length-1 graph is ever needed.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 from transformers import AutoModelForSequenceClassification
 
 from service.backends.base import ModelInfo
@@ -43,6 +50,32 @@ def resolve_dtype(dtype: str, device: torch.device, config: Any) -> torch.dtype:
     return DTYPES.get(saved.removeprefix("torch."), torch.float32)
 
 
+class CompileError(Exception):
+    """torch.compile could not compile the model (no C++ compiler, an unsupported operator)."""
+
+
+MIN_COMPILED_LENGTH = 2  # never a length-1 batch: dynamo would compile a graph for it
+
+
+def compile_model(model: torch.nn.Module) -> Any:
+    """`model` through torch.compile: dynamic shapes, weights frozen as constants.
+
+    Freezing (constants folded, weights pre-packed for oneDNN on a CPU; inference only)
+    is switched on process-wide: Inductor reads it whenever it compiles a graph, and
+    torch.compile's `options` do not reach it (measured: without it, the compiled MiniLM
+    is 1.1x eager on this CPU; with it, 2.1x).
+    """
+    inductor_config.freezing = True
+    return torch.compile(model, dynamic=True)
+
+
+def cause_of(error: Exception) -> str:
+    """'Type: first line' of what failed, looking inside dynamo's BackendCompilerFailed."""
+    cause = getattr(error, "inner_exception", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
 class TransformersBackend:
     """A sequence-classification model held on one device for inference."""
 
@@ -55,6 +88,7 @@ class TransformersBackend:
         max_length: int,
         pad_token_id: int,
         trust_remote_code: bool,
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -69,6 +103,12 @@ class TransformersBackend:
         model.config.get_text_config().pad_token_id = pad_token_id
         self.model = model.to(device=self.device, dtype=torch_dtype).eval()
         self.pad_token_id = pad_token_id
+        self.run: Any = self.model
+        self.min_length = 1
+        if compile:
+            self.run = compile_model(self.model)
+            self.min_length = MIN_COMPILED_LENGTH
+            self._compile_now()
         self.info = ModelInfo(
             architecture=type(model).__name__,
             num_labels=int(model.config.num_labels),
@@ -76,7 +116,24 @@ class TransformersBackend:
             device=str(self.device),
             max_length=max_length,
             backend="transformers",
+            compiled=compile,
         )
+
+    def _compile_now(self) -> None:
+        """Compile both graphs (one item; several) before serving, not on the first requests.
+
+        Sizes that differ (3 items of 2 tokens) keep dynamo from tying the batch and length
+        dimensions to one symbol, which a later batch of other sizes would have to recompile.
+        """
+        ids = [self.pad_token_id] * MIN_COMPILED_LENGTH
+        try:
+            self.forward([ids])
+            self.forward([ids] * (MIN_COMPILED_LENGTH + 1))
+        except Exception as error:  # Inductor raises many kinds: one line names the cause
+            raise CompileError(
+                f"compile: torch.compile failed ({cause_of(error)}); serve without compile, "
+                "or install a C++ compiler (CPU) or Triton (CUDA)"
+            ) from error
 
     @torch.inference_mode()
     def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
@@ -84,13 +141,13 @@ class TransformersBackend:
         if threads is not None and torch.get_num_threads() != threads:
             # OpenMP's thread count is per calling thread: other model threads keep theirs.
             torch.set_num_threads(threads)
-        longest = max(len(s) for s in sequences)
+        longest = max(self.min_length, *(len(s) for s in sequences))
         ids = np.full((len(sequences), longest), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(sequences), longest), dtype=np.int64)
         for row, sequence in enumerate(sequences):
             ids[row, : len(sequence)] = sequence
             mask[row, : len(sequence)] = 1
-        logits = self.model(
+        logits = self.run(
             input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
             attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
         ).logits
@@ -103,6 +160,6 @@ class TransformersBackend:
 
     def close(self) -> None:
         """Drop the model and return cached device memory."""
-        del self.model
+        del self.model, self.run
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

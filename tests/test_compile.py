@@ -1,0 +1,102 @@
+"""`compile`: the transformers backend through torch.compile (Inductor, frozen weights).
+
+The HTTP suite runs over compiled servers too (test_service_api.py, "*-compiled"); these
+tests hold what is particular to compiling: both graphs exist before serving, no batch
+shape compiles another, a model that cannot compile is a clear load error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch._inductor.config as inductor
+from pydantic import ValidationError
+from torch._dynamo.utils import counters
+from transformers import AutoModelForSequenceClassification
+
+from service.backends.transformers import TransformersBackend
+from service.loader import LoadError, load_model
+from service.settings import Settings
+
+# (items, tokens) of every batch: one item and several, one token and many, batch and
+# length equal, the longest item first and last.
+SHAPES = [(1, 1), (1, 9), (4, 1), (3, 3), (2, 7), (6, 2), (5, 31), (1, 2)]
+
+
+def compiled_backend(model_dir: Path) -> TransformersBackend:
+    """The tiny model, compiled on the CPU."""
+    return TransformersBackend(
+        model_dir,
+        device="cpu",
+        dtype="float32",
+        max_length=64,
+        pad_token_id=0,
+        trust_remote_code=False,
+        compile=True,
+    )
+
+
+def batch(items: int, tokens: int) -> list[list[int]]:
+    """Token ids of `items` items, the first `tokens` long and the others shorter."""
+    return [[5 + (3 * i + 7 * t) % 90 for t in range(max(1, tokens - i))] for i in range(items)]
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_rm", "bert_rm"])
+def test_compiled_forwards_match_eager_ones_and_never_recompile(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    model_dir: Path = request.getfixturevalue(fixture)
+    eager = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    backend = compiled_backend(model_dir)
+    assert backend.info.compiled
+    frames = counters["stats"]["unique_graphs"]  # both graphs are compiled by now
+    for items, tokens in SHAPES:
+        sequences = batch(items, tokens)
+        got = backend.forward(sequences)
+        with torch.inference_mode():  # each item alone, unpadded
+            want = [eager(input_ids=torch.tensor([s])).logits[0].tolist() for s in sequences]
+        assert got.shape == (items, 1)
+        assert got[:, 0].tolist() == pytest.approx([w[0] for w in want], abs=1e-5)
+    assert counters["stats"]["unique_graphs"] == frames, "a batch shape compiled a new graph"
+
+
+def test_a_model_that_cannot_compile_is_a_clear_load_error(gpt2_rm: Path) -> None:
+    settings = Settings(model=gpt2_rm, compile=True, warmup=False, batch_overhead_tokens=0)
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",)}), pytest.raises(LoadError) as failed:
+        load_model(settings)
+    message = str(failed.value)
+    assert message.startswith("compile: torch.compile failed (InvalidCxxCompiler: No working C++")
+    assert message.endswith("or install a C++ compiler (CPU) or Triton (CUDA)")
+    assert "\n" not in message
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_a_compiled_model_runs_one_forward_at_a_time_on_every_thread(gpt2_rm: Path) -> None:
+    settings = Settings(
+        model=gpt2_rm,
+        compile=True,
+        torch_threads=2,
+        device="cpu",
+        warmup=False,
+        batch_overhead_tokens=0,
+    )
+    loaded = load_model(settings)
+    assert loaded.cores is None and loaded.backend.info.compiled
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"compile": True, "model_workers": 2}, "model_workers 2: a compiled model runs one"),
+        ({"compile": True, "backend": "vllm"}, "compile: only applies to backend 'transformers'"),
+    ],
+)
+def test_compile_settings_that_cannot_work_are_refused(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings.model_validate(values)
+    assert Settings(compile=True, model_workers=1).compile
