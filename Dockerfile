@@ -26,7 +26,14 @@ RUN pip install --constraint constraints.txt \
 
 # ---------------------------------------------------------------- CPU: the image
 FROM ${PYTHON_IMAGE} AS cpu
-RUN groupadd --gid 10001 warm \
+# DL3008 (apt versions unpinned): the base image is pinned by tag and g++ follows its Debian
+# release's security updates. g++ is this image's one build tool: `warm-serve --compile`
+# (torch.compile on a CPU) builds Inductor's C++ kernels when the model loads.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 warm \
     && useradd --uid 10001 --gid warm --no-create-home --home-dir /tmp --shell /usr/sbin/nologin warm
 COPY --from=cpu-build /opt/venv /opt/venv
 # The root filesystem may be read-only (the chart makes it so): caches live under /tmp, and
