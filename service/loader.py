@@ -171,8 +171,9 @@ def core_share(settings: Settings, backend: Backend) -> CoreShare | None:
         return None
     threads = torch.get_num_threads()
     if workers is None:
-        # Compiled forwards side by side on one thread each score fewer items per second
-        # than one at a time on every thread (benchmarks/RESULTS.md): eager ones, more.
+        # Inductor's C++ kernels keep the OpenMP thread count they were compiled with, so
+        # compiled forwards cannot shrink to one thread each to run side by side (measured:
+        # 61 items/s side by side against 98 one at a time, benchmarks/RESULTS.md).
         workers = 1 if settings.compile else threads
     if workers > threads:
         raise LoadError(

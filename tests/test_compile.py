@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch._inductor.config as inductor
+from conftest import PAD_ID
 from pydantic import ValidationError
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSequenceClassification
 
-from service.backends.transformers import TransformersBackend
+from service.backends.transformers import TransformersBackend, compile_failure
 from service.loader import LoadError, load_model
 from service.settings import Settings
 
@@ -32,7 +33,7 @@ def compiled_backend(model_dir: Path) -> TransformersBackend:
         device="cpu",
         dtype="float32",
         max_length=64,
-        pad_token_id=0,
+        pad_token_id=PAD_ID,
         trust_remote_code=False,
         compile=True,
     )
@@ -41,6 +42,11 @@ def compiled_backend(model_dir: Path) -> TransformersBackend:
 def batch(items: int, tokens: int) -> list[list[int]]:
     """Token ids of `items` items, the first `tokens` long and the others shorter."""
     return [[5 + (3 * i + 7 * t) % 90 for t in range(max(1, tokens - i))] for i in range(items)]
+
+
+# Items whose tokens include the pad id: a decoder pools its last non-pad token, so the
+# padding a compiled batch adds must not move that token.
+WITH_PAD_IDS = [[7, 9, PAD_ID], [PAD_ID], [12, PAD_ID, 14, 15], [PAD_ID, PAD_ID]]
 
 
 @pytest.mark.parametrize("fixture", ["gpt2_rm", "bert_rm"])
@@ -52,8 +58,8 @@ def test_compiled_forwards_match_eager_ones_and_never_recompile(
     backend = compiled_backend(model_dir)
     assert backend.info.compiled
     frames = counters["stats"]["unique_graphs"]  # both graphs are compiled by now
-    for items, tokens in SHAPES:
-        sequences = batch(items, tokens)
+    for sequences in [batch(items, tokens) for items, tokens in SHAPES] + [WITH_PAD_IDS]:
+        items = len(sequences)
         got = backend.forward(sequences)
         with torch.inference_mode():  # each item alone, unpadded
             want = [eager(input_ids=torch.tensor([s])).logits[0].tolist() for s in sequences]
@@ -84,7 +90,13 @@ def test_a_compiled_model_runs_one_forward_at_a_time_on_every_thread(gpt2_rm: Pa
     )
     loaded = load_model(settings)
     assert loaded.cores is None and loaded.backend.info.compiled
-    assert torch.get_num_threads() == 2
+    eager = load_model(settings.model_copy(update={"compile": False}))
+    assert eager.cores is not None and eager.cores.workers == 2  # as the eager default has it
+
+
+def test_a_failure_outside_the_compiler_is_not_blamed_on_the_toolchain() -> None:
+    error = compile_failure(RuntimeError("out of memory\nwhile allocating 2 GiB"))
+    assert str(error) == "compile: the first compiled forward failed (RuntimeError: out of memory)"
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,16 @@ batches are padded to at least two tokens, so that no length-1 graph is ever nee
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch._inductor.config as inductor_config
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InductorError
 from transformers import AutoModelForSequenceClassification
 
 from service.backends.base import ModelInfo
@@ -29,6 +32,7 @@ from service.errors import ErrorType, ServiceError
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_COMPILED_LENGTH = 2  # a compiled model never sees a length-1 batch (see the docstring)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,10 +58,7 @@ class CompileError(Exception):
     """torch.compile could not compile the model (no C++ compiler, an unsupported operator)."""
 
 
-MIN_COMPILED_LENGTH = 2  # never a length-1 batch: dynamo would compile a graph for it
-
-
-def compile_model(model: torch.nn.Module) -> Any:
+def compile_model(model: torch.nn.Module) -> Callable[..., Any]:
     """`model` through torch.compile: dynamic shapes, weights frozen as constants.
 
     Freezing (constants folded, weights pre-packed for oneDNN on a CPU; inference only)
@@ -69,11 +70,18 @@ def compile_model(model: torch.nn.Module) -> Any:
     return torch.compile(model, dynamic=True)
 
 
-def cause_of(error: Exception) -> str:
-    """'Type: first line' of what failed, looking inside dynamo's BackendCompilerFailed."""
+def compile_failure(error: Exception) -> CompileError:
+    """One line: what failed ('Type: first line', from inside dynamo's wrappers), and a hint
+    about the toolchain only where the compiler backend itself failed."""
     cause = getattr(error, "inner_exception", None) or error
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    what = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    if isinstance(error, BackendCompilerFailed | InductorError):
+        return CompileError(
+            f"compile: torch.compile failed ({what}); serve without compile, or install a "
+            "C++ compiler (CPU) or Triton (CUDA)"
+        )
+    return CompileError(f"compile: the first compiled forward failed ({what})")
 
 
 class TransformersBackend:
@@ -103,7 +111,7 @@ class TransformersBackend:
         model.config.get_text_config().pad_token_id = pad_token_id
         self.model = model.to(device=self.device, dtype=torch_dtype).eval()
         self.pad_token_id = pad_token_id
-        self.run: Any = self.model
+        self.run: Callable[..., Any] = self.model
         self.min_length = 1
         if compile:
             self.run = compile_model(self.model)
@@ -126,14 +134,13 @@ class TransformersBackend:
         dimensions to one symbol, which a later batch of other sizes would have to recompile.
         """
         ids = [self.pad_token_id] * MIN_COMPILED_LENGTH
+        started = time.perf_counter()
         try:
             self.forward([ids])
             self.forward([ids] * (MIN_COMPILED_LENGTH + 1))
         except Exception as error:  # Inductor raises many kinds: one line names the cause
-            raise CompileError(
-                f"compile: torch.compile failed ({cause_of(error)}); serve without compile, "
-                "or install a C++ compiler (CPU) or Triton (CUDA)"
-            ) from error
+            raise compile_failure(error) from error
+        log.info("torch.compile: both graphs compiled in %.1f s", time.perf_counter() - started)
 
     @torch.inference_mode()
     def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
