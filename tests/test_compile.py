@@ -56,7 +56,8 @@ def test_compiled_forwards_match_eager_ones_and_never_recompile(
     model_dir: Path = request.getfixturevalue(fixture)
     eager = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     backend = compiled_backend(model_dir)
-    assert backend.info.compiled
+    assert backend.info.compiled and backend.stance == "eager_on_recompile"
+    backend.stance = "fail_on_recompile"  # any shape needing a new graph raises
     frames = counters["stats"]["unique_graphs"]  # both graphs are compiled by now
     for sequences in [batch(items, tokens) for items, tokens in SHAPES] + [WITH_PAD_IDS]:
         items = len(sequences)
@@ -66,6 +67,21 @@ def test_compiled_forwards_match_eager_ones_and_never_recompile(
         assert got.shape == (items, 1)
         assert got[:, 0].tolist() == pytest.approx([w[0] for w in want], abs=1e-5)
     assert counters["stats"]["unique_graphs"] == frames, "a batch shape compiled a new graph"
+
+
+def test_a_shape_outside_both_graphs_runs_eagerly_instead_of_compiling(gpt2_rm: Path) -> None:
+    eager = AutoModelForSequenceClassification.from_pretrained(gpt2_rm).eval()
+    backend = compiled_backend(gpt2_rm)
+    backend.min_length = 1  # a 1-token batch now reaches the model: a shape no graph covers
+    frames = counters["stats"]["unique_graphs"]
+    got = backend.forward([[42]])
+    with torch.inference_mode():
+        want = eager(input_ids=torch.tensor([[42]])).logits[0, 0].item()
+    assert got[0, 0] == pytest.approx(want, abs=1e-5)
+    assert counters["stats"]["unique_graphs"] == frames
+    backend.stance = "fail_on_recompile"
+    with pytest.raises(RuntimeError, match="recompil"):  # the shape did need a new graph
+        backend.forward([[42]])
 
 
 def test_a_model_that_cannot_compile_is_a_clear_load_error(gpt2_rm: Path) -> None:

@@ -8,7 +8,8 @@ With `compile`, the forward runs through `torch.compile` with dynamic shapes and
 weights frozen as constants (on a CPU, Inductor then fuses the elementwise operators and
 hands oneDNN pre-packed weights). Dynamo specialises dimensions of size 0 and 1, so a
 compiled model has two graphs, one batch item and several, both compiled before serving;
-batches are padded to at least two tokens, so that no length-1 graph is ever needed.
+batches are padded to at least two tokens, so that no length-1 graph is ever needed, and
+any other shape the graphs' guards reject runs eagerly rather than compiling mid-serving.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +115,15 @@ class TransformersBackend:
         self.pad_token_id = pad_token_id
         self.run: Callable[..., Any] = self.model
         self.min_length = 1
+        # Dynamo's stance for forwards (None: not compiled, or compiling). Once both graphs
+        # exist, a shape neither covers runs eagerly instead of holding every queued request
+        # behind a compile of tens of seconds; tests set "fail_on_recompile".
+        self.stance: str | None = None
         if compile:
             self.run = compile_model(self.model)
             self.min_length = MIN_COMPILED_LENGTH
             self._compile_now()
+            self.stance = "eager_on_recompile"
         self.info = ModelInfo(
             architecture=type(model).__name__,
             num_labels=int(model.config.num_labels),
@@ -154,10 +161,12 @@ class TransformersBackend:
         for row, sequence in enumerate(sequences):
             ids[row, : len(sequence)] = sequence
             mask[row, : len(sequence)] = 1
-        logits = self.run(
-            input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
-            attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
-        ).logits
+        stance = nullcontext() if self.stance is None else torch.compiler.set_stance(self.stance)
+        with stance:
+            logits = self.run(
+                input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
+                attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
+            ).logits
         outputs: np.ndarray = logits.to(torch.float64).cpu().numpy()
         return outputs
 
