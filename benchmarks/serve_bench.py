@@ -288,7 +288,7 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
                 "tokens_per_s": sum(t[1] for t in tally) / elapsed,
             }
         result["workloads"][name] = per_size
-        if beside:
+        if not spec["compile"]:
             result["side_by_side"][name] = beside
         if name == "fixed":
             full = ids[: spec["full_batch"]]

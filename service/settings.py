@@ -89,9 +89,9 @@ class Settings(BaseSettings):
         description="transformers backend: run the model through torch.compile (Inductor, "
         "dynamic shapes, weights frozen as constants). Scores match eager PyTorch (MiniLM, "
         "float32: within 1e-7); on a CPU the forward is about twice as fast, and the weights "
-        "are held up to three times. It compiles before "
-        "reporting ready (tens of seconds; a C++ compiler on CPU, Triton on CUDA), and forwards "
-        "then run one at a time on every torch thread (model_workers 1).",
+        "are held up to three times. It compiles before reporting ready (tens of seconds; a "
+        "C++ compiler on CPU, Triton on CUDA), and forwards then run one at a time on every "
+        "torch thread (model_workers 1).",
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
     front_nice: int = Field(
