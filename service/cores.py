@@ -14,6 +14,10 @@ thread, so the cores are never oversubscribed; and only the primary ever runs an
 team of several threads (with two such teams, the lone forwards of a 2-core machine took
 twice as long). The batcher, for its part, splits work that fits one batch into a piece
 per free thread when there are as many workers as threads (`Batcher._pieces`).
+
+A compiled model has graphs for given thread counts only (dynamo guards on the thread
+count), so with `whole_or_one` a forward runs on every thread or on one: the primary takes
+every thread where it would have taken them all, else one.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from __future__ import annotations
 class CoreShare:
     """Threads handed to concurrent forward passes; not locked: the caller holds one lock."""
 
-    def __init__(self, threads: int, workers: int) -> None:
+    def __init__(self, threads: int, workers: int, *, whole_or_one: bool = False) -> None:
         if workers < 1 or threads < workers:
             raise ValueError(f"{workers} workers cannot share {threads} threads")
         self.threads = threads
         self.workers = workers
+        self.whole_or_one = whole_or_one
         self.free = threads
         self.running = [0] * workers  # threads each worker's forward runs on (0: idle)
 
@@ -45,9 +50,16 @@ class CoreShare:
             taken = max(1, self.free - min(behind, self.running[1:].count(0)))
         else:
             taken = self.free
+        if self.whole_or_one and taken != self.threads:
+            taken = 1
         self.free -= taken
         self.running[worker] = taken
         return taken
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Every thread count a forward may be given."""
+        return (1, self.threads) if self.whole_or_one else tuple(range(1, self.threads + 1))
 
     def give(self, worker: int) -> int:
         """`worker`'s forward is done; returns the threads it had."""

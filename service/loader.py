@@ -20,7 +20,7 @@ from merger.demo import demo_artifact
 from merger.errors import VerifyError
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from service.backends.base import Backend
-from service.backends.transformers import CompileError, TransformersBackend
+from service.backends.transformers import CompileError, TransformersBackend, resolve_device
 from service.cores import CoreShare
 from service.encoding import Encoder
 from service.settings import Settings
@@ -135,7 +135,11 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
-    backend = make_backend(settings, model_dir, config, max_length=max_length, pad=int(pad))
+    cores = core_share(settings)
+    threads = cores.counts if cores else (torch.get_num_threads(),)
+    backend = make_backend(
+        settings, model_dir, config, max_length=max_length, pad=int(pad), threads=threads
+    )
     encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
     overhead, budget = settings.batch_overhead_tokens, settings.max_batch_tokens
     if settings.continuous:  # vLLM's scheduler forms the batches: nothing to calibrate
@@ -153,39 +157,44 @@ def load_model(settings: Settings) -> LoadedModel:
         encoder=encoder,
         overhead_tokens=overhead,
         batch_tokens=budget,
-        cores=core_share(settings, backend),
+        cores=cores,
     )
 
 
-def core_share(settings: Settings, backend: Backend) -> CoreShare | None:
+def core_share(settings: Settings) -> CoreShare | None:
     """How many forwards run at once and on which threads (None: one at a time).
 
     Only the transformers backend on a CPU runs forwards side by side; call from the
-    thread that loaded the model (torch's thread count is per thread).
+    thread that loads the model (torch's thread count is per thread). A compiled model
+    runs its forwards on every thread or on one (`CoreShare`, whole_or_one).
     """
     workers = settings.model_workers
-    on_cpu = isinstance(backend, TransformersBackend) and backend.device.type == "cpu"
+    on_cpu = settings.backend == "transformers" and resolve_device(settings.device).type == "cpu"
     if not on_cpu:
         if workers is not None and workers > 1:
             raise LoadError(f"model_workers {workers}: forwards run side by side on a CPU only")
         return None
     threads = torch.get_num_threads()
     if workers is None:
-        # Inductor's C++ kernels keep the OpenMP thread count they were compiled with, so
-        # compiled forwards cannot shrink to one thread each to run side by side (measured:
-        # 61 items/s side by side against 98 one at a time, benchmarks/RESULTS.md).
-        workers = 1 if settings.compile else threads
+        workers = threads
     if workers > threads:
         raise LoadError(
             f"model_workers {workers} exceeds the {threads} torch threads (set torch_threads)"
         )
-    return CoreShare(threads, workers) if workers > 1 else None
+    return CoreShare(threads, workers, whole_or_one=settings.compile) if workers > 1 else None
 
 
 def make_backend(
-    settings: Settings, model_dir: Path, config: Any, *, max_length: int, pad: int
+    settings: Settings,
+    model_dir: Path,
+    config: Any,
+    *,
+    max_length: int,
+    pad: int,
+    threads: tuple[int, ...] = (),
 ) -> Backend:
-    """The backend the settings name, holding the model."""
+    """The backend the settings name, holding the model; `threads`: the CPU thread counts
+    its forwards may run on (a compiled model compiles its graphs for each)."""
     if settings.backend == "transformers":
         try:
             return TransformersBackend(
@@ -196,6 +205,7 @@ def make_backend(
                 pad_token_id=pad,
                 trust_remote_code=settings.trust_remote_code,
                 compile=settings.compile,
+                compile_threads=threads,
             )
         except CompileError as error:
             raise LoadError(str(error)) from error

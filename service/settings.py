@@ -90,8 +90,7 @@ class Settings(BaseSettings):
         "dynamic shapes, weights frozen as constants). Scores match eager PyTorch (MiniLM, "
         "float32: within 1e-7); on a CPU the forward is about twice as fast, and the weights "
         "are held up to three times. It compiles before reporting ready (tens of seconds; a "
-        "C++ compiler on CPU, Triton on CUDA), and forwards then run one at a time on every "
-        "torch thread (model_workers 1).",
+        "C++ compiler on CPU, Triton on CUDA).",
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
     front_nice: int = Field(
@@ -225,15 +224,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_length {self.max_length} exceeds max_batch_tokens {self.max_batch_tokens}: "
                 "a full-length item could never be scheduled"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _compiled(self) -> Settings:
-        if self.compile and self.model_workers is not None and self.model_workers > 1:
-            raise ValueError(
-                f"model_workers {self.model_workers}: a compiled model runs one forward at a "
-                "time on every torch thread (leave model_workers unset or 1)"
             )
         return self
 

@@ -7,6 +7,7 @@ shape compiles another, a model that cannot compile is a clear load error.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ import torch
 import torch._inductor.config as inductor
 from conftest import PAD_ID
 from pydantic import ValidationError
+from torch._dynamo import eval_frame
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSequenceClassification
 
-from service.backends.transformers import TransformersBackend, compile_failure
+from service.backends.transformers import StanceHold, TransformersBackend, compile_failure
 from service.loader import LoadError, load_model
 from service.settings import Settings
 
@@ -95,7 +97,7 @@ def test_a_model_that_cannot_compile_is_a_clear_load_error(gpt2_rm: Path) -> Non
 
 
 @pytest.mark.usefixtures("restore_torch_threads")
-def test_a_compiled_model_runs_one_forward_at_a_time_on_every_thread(gpt2_rm: Path) -> None:
+def test_compiled_forwards_run_side_by_side_as_eager_ones_do(gpt2_rm: Path) -> None:
     settings = Settings(
         model=gpt2_rm,
         compile=True,
@@ -105,9 +107,46 @@ def test_a_compiled_model_runs_one_forward_at_a_time_on_every_thread(gpt2_rm: Pa
         batch_overhead_tokens=0,
     )
     loaded = load_model(settings)
-    assert loaded.cores is None and loaded.backend.info.compiled
-    eager = load_model(settings.model_copy(update={"compile": False}))
-    assert eager.cores is not None and eager.cores.workers == 2  # as the eager default has it
+    assert loaded.backend.info.compiled
+    assert loaded.cores is not None and loaded.cores.workers == 2  # one per torch thread
+    backend = loaded.backend
+    assert isinstance(backend, TransformersBackend)
+    backend.stance = "fail_on_recompile"
+    eager = AutoModelForSequenceClassification.from_pretrained(gpt2_rm).eval()
+    work = [batch(items, tokens) for items, tokens in SHAPES if tokens > 1] * 3
+    with torch.inference_mode():
+        want = [eager(input_ids=torch.tensor([s])).logits[0, 0].item() for b in work for s in b]
+
+    def forwards(first: int) -> list[tuple[int, list[float]]]:  # every other batch
+        return [(k, backend.forward(work[k], threads=1)[:, 0].tolist())
+                for k in range(first, len(work), 2)]  # fmt: skip
+
+    with ThreadPoolExecutor(2) as pool:  # two forwards at once, one thread each
+        done = [r for f in [pool.submit(forwards, 0), pool.submit(forwards, 1)] for r in f.result()]
+    got = [reward for _, rewards in sorted(done) for reward in rewards]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert dynamo_stance() == "default"  # the stance is restored once both are done
+
+
+def dynamo_stance() -> str:
+    """The stance dynamo applies now (process-wide)."""
+    stance: str = eval_frame._stance.stance
+    return stance
+
+
+def test_forwards_side_by_side_hold_one_stance_until_the_last_ends() -> None:
+    hold = StanceHold()
+    first, second = hold.hold("eager_on_recompile"), hold.hold("eager_on_recompile")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert dynamo_stance() == "eager_on_recompile"  # the second forward still runs
+    second.__exit__(None, None, None)
+    assert dynamo_stance() == "default"
+    held = hold.hold("eager_on_recompile")
+    with held, pytest.raises(RuntimeError, match="asked while"), hold.hold("fail_on_recompile"):
+        pass
+    assert dynamo_stance() == "default"
 
 
 def test_a_failure_outside_the_compiler_is_not_blamed_on_the_toolchain() -> None:
@@ -115,16 +154,7 @@ def test_a_failure_outside_the_compiler_is_not_blamed_on_the_toolchain() -> None
     assert str(error) == "compile: the first compiled forward failed (RuntimeError: out of memory)"
 
 
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"compile": True, "model_workers": 2}, "model_workers 2: a compiled model runs one"),
-        ({"compile": True, "backend": "vllm"}, "compile: only applies to backend 'transformers'"),
-    ],
-)
-def test_compile_settings_that_cannot_work_are_refused(
-    values: dict[str, object], message: str
-) -> None:
-    with pytest.raises(ValidationError, match=message):
-        Settings.model_validate(values)
-    assert Settings(compile=True, model_workers=1).compile
+def test_compile_with_the_vllm_backend_is_refused() -> None:
+    with pytest.raises(ValidationError, match="compile: only applies to backend 'transformers'"):
+        Settings.model_validate({"compile": True, "backend": "vllm"})
+    assert Settings(compile=True, model_workers=2).compile

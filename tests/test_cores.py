@@ -76,6 +76,21 @@ def test_fewer_workers_than_threads_still_use_every_thread_under_load() -> None:
     assert cores.free == 0
 
 
+def test_a_compiled_model_runs_a_forward_on_every_thread_or_on_one() -> None:
+    cores = CoreShare(threads=4, workers=3, whole_or_one=True)
+    assert cores.counts == (1, 4)  # the thread counts its graphs are compiled for
+    assert cores.take(0, behind=2) == 1  # would be 2 (see above): no graph for 2 threads
+    assert cores.take(1, behind=0) == 1
+    assert cores.take(2, behind=0) == 1
+    assert cores.free == 1
+    cores.give(0)
+    assert cores.take(0, behind=0) == 1  # 2 free, not all: one
+    for worker in (0, 1, 2):
+        cores.give(worker)
+    assert cores.take(0, behind=0) == 4  # nothing queued, every thread free
+    assert CoreShare(threads=4, workers=4).counts == (1, 2, 3, 4)
+
+
 @pytest.mark.parametrize(("threads", "workers"), [(1, 2), (4, 0), (2, 3)])
 def test_invalid_shares_are_refused(threads: int, workers: int) -> None:
     with pytest.raises(ValueError, match="workers cannot share"):
