@@ -145,7 +145,15 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.continuous:  # vLLM's scheduler forms the batches: nothing to calibrate
         overhead = overhead or 0.0
     elif settings.warmup or overhead is None:
-        measured = calibrate(backend, encoder, settings.max_batch_size, settings.max_batch_tokens)
+        # Under load, side-by-side forwards run on one thread each: time batches as they run.
+        beside = cores is not None and cores.workers == cores.threads
+        measured = calibrate(
+            backend,
+            encoder,
+            settings.max_batch_size,
+            settings.max_batch_tokens,
+            threads=1 if beside else None,
+        )
         overhead = measured.overhead_tokens if overhead is None else overhead
         budget = measured.batch_tokens if settings.tune_batch_tokens else budget
     return LoadedModel(
@@ -238,30 +246,38 @@ class Calibration:
 
 
 def calibrate(
-    backend: Backend, encoder: Encoder, max_batch_size: int, max_batch_tokens: int
+    backend: Backend,
+    encoder: Encoder,
+    max_batch_size: int,
+    max_batch_tokens: int,
+    *,
+    threads: int | None = None,
 ) -> Calibration:
     """Warm the model up and time forwards of 1, 2, 4, ... items of CALIBRATION_LENGTH tokens
-    (each twice, its best time kept), then `choose_budget`."""
+    on `threads` CPU threads (None: the backend's own), each twice, its best time kept, then
+    `choose_budget`."""
     text = " ".join(["warm"] * (4 * CALIBRATION_LENGTH))
     length = min(CALIBRATION_LENGTH, encoder.max_length)
     ids = encoder.encode_texts([text], "right")[0].ids[:length]
     sizes = [1]
     while sizes[-1] * 2 <= max_batch_size and sizes[-1] * 2 * len(ids) <= max_batch_tokens:
         sizes.append(sizes[-1] * 2)
-    backend.forward([ids] * sizes[-1])  # first calls: lazy initialisation, allocator growth
-    backend.forward([ids, ids[: max(1, length // 2)]])
+    # First calls: lazy initialisation, allocator growth.
+    backend.forward([ids] * sizes[-1], threads)
+    backend.forward([ids, ids[: max(1, length // 2)]], threads)
     seconds = {}
     for size in sizes:
         times = []
         for _ in range(2):
             start = time.perf_counter()
-            backend.forward([ids] * size)
+            backend.forward([ids] * size, threads)
             times.append(time.perf_counter() - start)
         seconds[size] = min(times)
     calibration = choose_budget(seconds, len(ids), max_batch_tokens, encoder.max_length)
     log.info(
-        "warm-up over %d-token items: %s; overhead %.0f tokens, batch budget %d tokens",
+        "warm-up over %d-token items on %s: %s; overhead %.0f tokens, batch budget %d tokens",
         len(ids),
+        "every thread" if threads is None else f"{threads} thread(s)",
         ", ".join(f"{size}: {rate:.1f}/s" for size, rate in rate_of(seconds).items()),
         calibration.overhead_tokens,
         calibration.batch_tokens,

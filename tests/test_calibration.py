@@ -3,6 +3,7 @@ batches it times (tiny BERT)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from transformers import AutoTokenizer
 
 from service.backends.transformers import TransformersBackend
 from service.encoding import Encoder
-from service.loader import Calibration, calibrate, choose_budget
+from service.loader import Calibration, calibrate, choose_budget, load_model
+from service.settings import Settings
 
 
 def test_a_cpu_like_curve_gives_the_peak_batch_and_the_fitted_overhead() -> None:
@@ -53,9 +55,11 @@ class Recording:
         self.inner = inner
         self.info = inner.info
         self.sizes: list[int] = []
+        self.threads: set[int | None] = set()
 
     def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
         self.sizes.append(len(sequences))
+        self.threads.add(threads)
         return self.inner.forward(sequences, threads)
 
 
@@ -80,3 +84,19 @@ def test_calibration_times_doubling_batches_twice_and_picks_a_measured_budget(
     # Batch 4, the largest timed, keeps the configured 300; 1 or 2 items give 64 or 128.
     assert got.batch_tokens in {300, 64, 128}
     assert got.overhead_tokens >= 0
+    assert recording.threads == {None}  # the backend's own threads
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_forwards_that_run_side_by_side_are_timed_on_one_thread_each(
+    bert_rm: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(model=bert_rm, device="cpu", torch_threads=2, max_batch_size=4)
+    with caplog.at_level(logging.INFO, logger="service.loader"):
+        loaded = load_model(settings)
+    assert loaded.cores is not None and loaded.cores.workers == 2
+    assert "-token items on 1 thread(s): 1: " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="service.loader"):
+        load_model(settings.model_copy(update={"model_workers": 1}))
+    assert "-token items on every thread: 1: " in caplog.text
