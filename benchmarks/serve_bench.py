@@ -42,8 +42,9 @@ Measured in one run, one thing at a time (nothing else runs on the two cores):
             batcher`: warm-serve's batcher forms the batches, the engine runs one at a time).
             Both are up with ours and naive, and each closed-loop point runs against every
             server back to back; the open loop and the targets stay on ours (transformers).
-The load generator (asyncio, one httpx client, pre-encoded bodies) shares the two cores
-with the server, as a co-located RLHF trainer would.
+The load generator (asyncio, httpx, pre-encoded bodies; one client per closed-loop worker,
+open-loop arrivals spread over 32 clients) shares the two cores with the server, as a
+co-located RLHF trainer would.
 
 Without --append the tables are only printed; with it they are also appended, with the
 date, command and machine, to benchmarks/RESULTS.md.
@@ -98,6 +99,8 @@ COMPILED_READY_TIMEOUT_S = 300.0  # warm-serve --compile compiles before it is r
 VLLM_READY_TIMEOUT_S = 300.0  # vLLM's engine starts in ~30-60 s on this CPU, then warm-up
 REQUEST_TIMEOUT_S = 300.0
 MAX_WARMUP_S = 120.0
+OPEN_LOOP_CLIENTS = 32  # arrivals go round-robin over this many clients ...
+OPEN_LOOP_CONNECTIONS = 32  # ... of up to this many connections each
 CHECK_ITEMS = 8
 HEADERS = {"content-type": "application/json"}
 OURS_ARGS = ("--max-batch-size", str(MAX_BATCH))  # ours: otherwise default settings
@@ -603,11 +606,30 @@ def summarise(w: Window, **labels: Any) -> LoadResult:
     )
 
 
+async def clients(
+    stack: contextlib.AsyncExitStack, url: str, n: int, connections: int
+) -> list[httpx.AsyncClient]:
+    """`n` clients of up to `connections` connections each, closed with `stack`.
+
+    Each independent caller gets its own small pool, as separate trainer processes would
+    have: httpx scans its whole pool on every request and response, and one pool of 128
+    connections cost the load generator twice the CPU per request of pools of 1-8 (on the
+    cores the server shares).
+    """
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return [
+        await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S)
+        )
+        for _ in range(n)
+    ]
+
+
 async def closed_loop(
     url: str, bodies: Bodies, concurrency: int, warmup_s: float, duration_s: float
 ) -> Window:
-    """C workers, each sending its next request once the previous one is answered."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    """C workers, each with its own client, sending its next request once the previous one is
+    answered."""
     samples: list[Sample] = []
     answered: set[int] = set()
     steady = asyncio.Event()
@@ -623,11 +645,12 @@ async def closed_loop(
                 steady.set()
 
     async with (
-        httpx.AsyncClient(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S) as client,
+        contextlib.AsyncExitStack() as stack,
         httpx.AsyncClient(base_url=url, timeout=30) as probe,
     ):
+        own = await clients(stack, url, concurrency, 1)
         began = time.perf_counter()
-        tasks = [asyncio.create_task(worker(w, client)) for w in range(concurrency)]
+        tasks = [asyncio.create_task(worker(w, own[w])) for w in range(concurrency)]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(steady.wait(), MAX_WARMUP_S)
         await asyncio.sleep(max(0.0, warmup_s - (time.perf_counter() - began)))
@@ -647,11 +670,11 @@ async def open_loop(
 ) -> Window:
     """Poisson arrivals at `rate` requests/s; latency counted from each scheduled arrival."""
     rng = random.Random(TEXT_SEED)
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
     async with (
-        httpx.AsyncClient(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S) as client,
+        contextlib.AsyncExitStack() as stack,
         httpx.AsyncClient(base_url=url, timeout=30) as probe,
     ):
+        pool = await clients(stack, url, OPEN_LOOP_CLIENTS, OPEN_LOOP_CONNECTIONS)
         began = time.perf_counter()
         start, end = began + warmup_s, began + warmup_s + duration_s
         tasks: list[asyncio.Task[Sample]] = []
@@ -661,7 +684,7 @@ async def open_loop(
             if before is None and at >= start:
                 before, cpu = await scrape(probe), time.process_time()
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            tasks.append(asyncio.create_task(send(client, bodies, k, at)))
+            tasks.append(asyncio.create_task(send(pool[k % len(pool)], bodies, k, at)))
             at += rng.expovariate(rate)
             k = (k + 1) % len(bodies.payloads)
         await asyncio.sleep(max(0.0, end - time.perf_counter()))

@@ -20,15 +20,29 @@ from service.settings import Settings
 def test_a_cpu_like_curve_gives_the_peak_batch_and_the_fitted_overhead() -> None:
     # Rates 50, 62.5, 71.4, 80, 72.7, 66.7 items/s: only batch 8 is within 3% of the best.
     seconds = {1: 0.02, 2: 0.032, 4: 0.056, 8: 0.1, 16: 0.22, 32: 0.48}
-    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512)
+    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512, tolerance=0.03)
     # per token (0.1 - 0.02) / (7 * 128); overhead 0.02 / per_token - 128 = 224 - 128.
     assert got.batch_tokens == 8 * 128
     assert got.overhead_tokens == pytest.approx(96.0)
 
 
+def test_a_flat_noisy_cpu_curve_gives_the_smallest_batch_within_the_noise() -> None:
+    # A 1-thread MiniLM warm-up as logged: 48.9, 57.2, 56.4, 57.7, 54.9, 60.9, 59.3 items/s.
+    rates = {1: 48.9, 2: 57.2, 4: 56.4, 8: 57.7, 16: 54.9, 32: 60.9, 64: 59.3}
+    seconds = {size: size / rate for size, rate in rates.items()}
+    # Within 3% of 60.9 (>= 59.07): 32 and 64, so 32 x 128 tokens, a batch picked by noise.
+    tight = choose_budget(
+        seconds, length=128, max_batch_tokens=8192, max_length=512, tolerance=0.03
+    )
+    assert tight.batch_tokens == 4096
+    # Within 10% (>= 54.81): 2 is the smallest, 256 tokens, raised to one 512-token item.
+    loose = choose_budget(seconds, length=128, max_batch_tokens=8192, max_length=512, tolerance=0.1)
+    assert loose.batch_tokens == 512
+
+
 def test_a_gpu_like_curve_keeps_the_configured_budget() -> None:
     seconds = {1: 0.01, 2: 0.01, 4: 0.01, 8: 0.011, 16: 0.012}  # still rising at 16
-    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512)
+    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512, tolerance=0.03)
     # per token 0.001 / (7 * 128); overhead 0.01 / per_token - 128 = 8960 - 128.
     assert got.batch_tokens == 16384
     assert got.overhead_tokens == pytest.approx(8832.0)
@@ -36,7 +50,7 @@ def test_a_gpu_like_curve_keeps_the_configured_budget() -> None:
 
 def test_a_small_peak_still_fits_one_item_of_the_longest_length() -> None:
     seconds = {1: 0.01, 2: 0.015, 4: 0.04}  # 100, 133, 100 items/s: batch 2 = 256 tokens
-    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512)
+    got = choose_budget(seconds, length=128, max_batch_tokens=16384, max_length=512, tolerance=0.03)
     # No 8-item timing: the fit runs through 4 items, per token 0.03 / (3 * 128).
     assert got.batch_tokens == 512
     assert got.overhead_tokens == pytest.approx(0.0, abs=1e-9)
@@ -44,7 +58,7 @@ def test_a_small_peak_still_fits_one_item_of_the_longest_length() -> None:
 
 def test_free_batching_favours_full_batches() -> None:
     seconds = {1: 0.01, 2: 0.01, 4: 0.01, 8: 0.01}
-    got = choose_budget(seconds, length=128, max_batch_tokens=4096, max_length=512)
+    got = choose_budget(seconds, length=128, max_batch_tokens=4096, max_length=512, tolerance=0.03)
     assert got == Calibration(overhead_tokens=4096.0, batch_tokens=4096)
 
 
