@@ -263,8 +263,12 @@ def raw_forward_child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
     texts: dict[str, list[str]] = json.loads(Path(spec["texts"]).read_text())
-    result: dict[str, Any] = {"threads": threads, "compiled": spec["compile"], "workloads": {}}
-    result["side_by_side"] = {}
+    result: dict[str, Any] = {
+        "threads": threads,
+        "compiled": spec["compile"],
+        "workloads": {},
+        "side_by_side": {},
+    }
     for name, items in texts.items():
         ids = tok(items)["input_ids"]
         per_size, beside = {}, {}
@@ -684,7 +688,7 @@ async def open_loop(
             if before is None and at >= start:
                 before, cpu = await scrape(probe), time.process_time()
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            tasks.append(asyncio.create_task(send(pool[k % len(pool)], bodies, k, at)))
+            tasks.append(asyncio.create_task(send(pool[len(tasks) % len(pool)], bodies, k, at)))
             at += rng.expovariate(rate)
             k = (k + 1) % len(bodies.payloads)
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
@@ -824,10 +828,11 @@ class Report:
 
     def raw_best(self, workload: str) -> tuple[str, float]:
         """The best raw forward (batch size, and whether side by side) and its items/s."""
-        modes = [("", self.raw["workloads"][workload])]
-        if "side_by_side" in self.raw:
-            beside = f", {self.raw['threads']} side by side"
-            modes.append((beside, self.raw["side_by_side"][workload]))
+        beside = f", {self.raw['threads']} side by side"
+        modes = [
+            ("", self.raw["workloads"][workload]),
+            (beside, self.raw["side_by_side"][workload]),
+        ]
         figures = [
             (f"batch {size}{how}", float(fig["items_per_s"]))
             for how, per_size in modes
@@ -864,9 +869,10 @@ def reference_table(rep: Report) -> str:
     rows = []
     threads = rep.raw["threads"]
     raw = "raw forward" + (", torch.compile" if rep.raw["compiled"] else "")
-    modes = [(raw, rep.raw["workloads"])]
-    if "side_by_side" in rep.raw:
-        modes.append((f"{raw}, {threads} x 1 thread side by side", rep.raw["side_by_side"]))
+    modes = [
+        (raw, rep.raw["workloads"]),
+        (f"{raw}, {threads} x 1 thread side by side", rep.raw["side_by_side"]),
+    ]
     for label, workloads in modes:
         for name, per_size in workloads.items():
             for size, fig in per_size.items():

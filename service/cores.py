@@ -16,8 +16,8 @@ twice as long). The batcher, for its part, splits work that fits one batch into 
 per free thread when there are as many workers as threads (`Batcher._pieces`).
 
 A compiled model has graphs for given thread counts only (dynamo guards on the thread
-count), so with `whole_or_one` a forward runs on every thread or on one: the primary takes
-every thread where it would have taken them all, else one.
+count), so with `counts` a forward's threads are rounded down to one of them: for a compiled
+model, every thread (a lone batch), every thread but one per side worker (full load) and one.
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ from __future__ import annotations
 class CoreShare:
     """Threads handed to concurrent forward passes; not locked: the caller holds one lock."""
 
-    def __init__(self, threads: int, workers: int, *, whole_or_one: bool = False) -> None:
+    def __init__(
+        self, threads: int, workers: int, *, counts: tuple[int, ...] | None = None
+    ) -> None:
+        """`counts`: the thread counts a forward may run on (None: any; else it includes 1)."""
         if workers < 1 or threads < workers:
             raise ValueError(f"{workers} workers cannot share {threads} threads")
+        if counts is not None and (1 not in counts or not all(1 <= c <= threads for c in counts)):
+            raise ValueError(f"thread counts {counts}: need 1, and none above {threads}")
         self.threads = threads
         self.workers = workers
-        self.whole_or_one = whole_or_one
+        self.counts = tuple(sorted(set(counts))) if counts else tuple(range(1, threads + 1))
         self.free = threads
         self.running = [0] * workers  # threads each worker's forward runs on (0: idle)
 
@@ -50,16 +55,10 @@ class CoreShare:
             taken = max(1, self.free - min(behind, self.running[1:].count(0)))
         else:
             taken = self.free
-        if self.whole_or_one and taken != self.threads:
-            taken = 1
+        taken = max(c for c in self.counts if c <= taken)
         self.free -= taken
         self.running[worker] = taken
         return taken
-
-    @property
-    def counts(self) -> tuple[int, ...]:
-        """Every thread count a forward may be given."""
-        return (1, self.threads) if self.whole_or_one else tuple(range(1, self.threads + 1))
 
     def give(self, worker: int) -> int:
         """`worker`'s forward is done; returns the threads it had."""

@@ -40,7 +40,7 @@ CALIBRATION_LENGTH = 128
 # warm-up read 55-61 items/s at 2-64 items, where steady runs give 62-68), so a tight
 # tolerance picks a batch by noise, and a large batch costs latency and side-by-side
 # forwards for nothing. GPU timings are steady and their curve keeps rising.
-TUNE_TOLERANCE = {"cpu": 0.10, "cuda": 0.03}
+TUNE_TOLERANCE = {"cpu": 0.10, "accelerator": 0.03}
 
 
 class LoadError(Exception):
@@ -179,7 +179,7 @@ def core_share(settings: Settings) -> CoreShare | None:
 
     Only the transformers backend on a CPU runs forwards side by side; call from the
     thread that loads the model (torch's thread count is per thread). A compiled model
-    runs its forwards on every thread or on one (`CoreShare`, whole_or_one).
+    runs its forwards on the few thread counts its graphs are compiled for (`CoreShare`).
     """
     workers = settings.model_workers
     on_cpu = settings.backend == "transformers" and resolve_device(settings.device).type == "cpu"
@@ -194,7 +194,11 @@ def core_share(settings: Settings) -> CoreShare | None:
         raise LoadError(
             f"model_workers {workers} exceeds the {threads} torch threads (set torch_threads)"
         )
-    return CoreShare(threads, workers, whole_or_one=settings.compile) if workers > 1 else None
+    if workers == 1:
+        return None
+    # A compiled model has graphs for these counts only: a lone batch, full load, one.
+    counts = (1, threads - workers + 1, threads) if settings.compile else None
+    return CoreShare(threads, workers, counts=counts)
 
 
 def make_backend(
@@ -267,18 +271,22 @@ def calibrate(
     sizes = [1]
     while sizes[-1] * 2 <= max_batch_size and sizes[-1] * 2 * len(ids) <= max_batch_tokens:
         sizes.append(sizes[-1] * 2)
-    # First calls: lazy initialisation, allocator growth.
-    backend.forward([ids] * sizes[-1], threads)
-    backend.forward([ids, ids[: max(1, length // 2)]], threads)
-    seconds = {}
-    for size in sizes:
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            backend.forward([ids] * size, threads)
-            times.append(time.perf_counter() - start)
-        seconds[size] = min(times)
-    tolerance = TUNE_TOLERANCE["cpu" if backend.info.device == "cpu" else "cuda"]
+    restore = torch.get_num_threads()  # a forward on `threads` sets this thread's count
+    try:
+        # First calls: lazy initialisation, allocator growth.
+        backend.forward([ids] * sizes[-1], threads)
+        backend.forward([ids, ids[: max(1, length // 2)]], threads)
+        seconds = {}
+        for size in sizes:
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                backend.forward([ids] * size, threads)
+                times.append(time.perf_counter() - start)
+            seconds[size] = min(times)
+    finally:
+        torch.set_num_threads(restore)
+    tolerance = TUNE_TOLERANCE["cpu" if backend.info.device == "cpu" else "accelerator"]
     calibration = choose_budget(
         seconds, len(ids), max_batch_tokens, encoder.max_length, tolerance=tolerance
     )

@@ -7,7 +7,9 @@ shape compiles another, a model that cannot compile is a clear load error.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -97,18 +99,24 @@ def test_a_model_that_cannot_compile_is_a_clear_load_error(gpt2_rm: Path) -> Non
 
 
 @pytest.mark.usefixtures("restore_torch_threads")
-def test_compiled_forwards_run_side_by_side_as_eager_ones_do(gpt2_rm: Path) -> None:
-    settings = Settings(
-        model=gpt2_rm,
-        compile=True,
-        torch_threads=2,
-        device="cpu",
-        warmup=False,
-        batch_overhead_tokens=0,
-    )
-    loaded = load_model(settings)
+def test_compiled_forwards_run_side_by_side_as_eager_ones_do(
+    gpt2_rm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled: list[int] = []  # graphs there are once the backend has compiled
+    compile_now = TransformersBackend._compile_now
+
+    def recording(backend: TransformersBackend, counts: Sequence[int]) -> None:
+        compile_now(backend, counts)
+        compiled.append(counters["stats"]["unique_graphs"])
+
+    monkeypatch.setattr(TransformersBackend, "_compile_now", recording)
+    settings = Settings(model=gpt2_rm, compile=True, torch_threads=2, device="cpu")
+    loaded = load_model(settings)  # compiles, then times warm-up batches on one thread
     assert loaded.backend.info.compiled
     assert loaded.cores is not None and loaded.cores.workers == 2  # one per torch thread
+    assert loaded.cores.counts == (1, 2)
+    assert torch.get_num_threads() == 2  # warm-up gave the loading thread its count back
+    assert counters["stats"]["unique_graphs"] == compiled[0], "warm-up compiled a graph"
     backend = loaded.backend
     assert isinstance(backend, TransformersBackend)
     backend.stance = "fail_on_recompile"
@@ -117,14 +125,19 @@ def test_compiled_forwards_run_side_by_side_as_eager_ones_do(gpt2_rm: Path) -> N
     with torch.inference_mode():
         want = [eager(input_ids=torch.tensor([s])).logits[0, 0].item() for b in work for s in b]
 
-    def forwards(first: int) -> list[tuple[int, list[float]]]:  # every other batch
-        return [(k, backend.forward(work[k], threads=1)[:, 0].tolist())
-                for k in range(first, len(work), 2)]  # fmt: skip
+    def forwards(first: int, threads: int) -> list[tuple[int, list[float]]]:
+        done = []
+        for k in range(first, len(work), 2):  # every other batch
+            done.append((k, backend.forward(work[k], threads=threads)[:, 0].tolist()))
+        return done
 
     with ThreadPoolExecutor(2) as pool:  # two forwards at once, one thread each
-        done = [r for f in [pool.submit(forwards, 0), pool.submit(forwards, 1)] for r in f.result()]
+        runs = [pool.submit(forwards, 0, 1), pool.submit(forwards, 1, 1)]
+        done = [result for run in runs for result in run.result()]
     got = [reward for _, rewards in sorted(done) for reward in rewards]
     assert got == pytest.approx(want, abs=1e-5)
+    alone = sorted(forwards(0, 2) + forwards(1, 2))  # one at a time, on every thread
+    assert [reward for _, rewards in alone for reward in rewards] == pytest.approx(want, abs=1e-5)
     assert dynamo_stance() == "default"  # the stance is restored once both are done
 
 
@@ -136,12 +149,11 @@ def dynamo_stance() -> str:
 
 def test_forwards_side_by_side_hold_one_stance_until_the_last_ends() -> None:
     hold = StanceHold()
-    first, second = hold.hold("eager_on_recompile"), hold.hold("eager_on_recompile")
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    assert dynamo_stance() == "eager_on_recompile"  # the second forward still runs
-    second.__exit__(None, None, None)
+    with ExitStack() as second:
+        with ExitStack() as first:  # the first forward starts, then the second
+            first.enter_context(hold.hold("eager_on_recompile"))
+            second.enter_context(hold.hold("eager_on_recompile"))
+        assert dynamo_stance() == "eager_on_recompile"  # the first ended; the second runs on
     assert dynamo_stance() == "default"
     held = hold.hold("eager_on_recompile")
     with held, pytest.raises(RuntimeError, match="asked while"), hold.hold("fail_on_recompile"):

@@ -76,19 +76,29 @@ def test_fewer_workers_than_threads_still_use_every_thread_under_load() -> None:
     assert cores.free == 0
 
 
-def test_a_compiled_model_runs_a_forward_on_every_thread_or_on_one() -> None:
-    cores = CoreShare(threads=4, workers=3, whole_or_one=True)
-    assert cores.counts == (1, 4)  # the thread counts its graphs are compiled for
-    assert cores.take(0, behind=2) == 1  # would be 2 (see above): no graph for 2 threads
-    assert cores.take(1, behind=0) == 1
-    assert cores.take(2, behind=0) == 1
-    assert cores.free == 1
+def test_a_forward_gets_the_largest_allowed_count_up_to_its_share() -> None:
+    # A compiled model, 16 threads, 16 workers: graphs for 1 and 16 threads only.
+    cores = CoreShare(threads=16, workers=16, counts=(1, 16, 1))
+    assert cores.counts == (1, 16)
+    assert cores.take(0, behind=3) == 1  # its share, 13, has no graph: rounded down to 1
+    assert cores.take(1, behind=2) == 1
     cores.give(0)
-    assert cores.take(0, behind=0) == 1  # 2 free, not all: one
-    for worker in (0, 1, 2):
-        cores.give(worker)
-    assert cores.take(0, behind=0) == 4  # nothing queued, every thread free
-    assert CoreShare(threads=4, workers=4).counts == (1, 2, 3, 4)
+    cores.give(1)
+    assert cores.take(0, behind=0) == 16  # a lone batch: every thread
+    # 8 threads, 2 workers: graphs for 1, 7 (full load) and 8.
+    cores = CoreShare(threads=8, workers=2, counts=(1, 7, 8))
+    assert cores.take(0, behind=1) == 7
+    assert cores.take(1, behind=1) == 1
+    assert cores.free == 0
+    assert CoreShare(threads=4, workers=4).counts == (1, 2, 3, 4)  # eager: any count
+
+
+@pytest.mark.parametrize("counts", [(2, 4), (1, 5)])
+def test_thread_counts_without_one_or_above_the_threads_are_refused(
+    counts: tuple[int, ...],
+) -> None:
+    with pytest.raises(ValueError, match="need 1, and none above 4"):
+        CoreShare(threads=4, workers=2, counts=counts)
 
 
 @pytest.mark.parametrize(("threads", "workers"), [(1, 2), (4, 0), (2, 3)])
