@@ -196,10 +196,11 @@ class TransformersBackend:
         for would compile (or, once serving, run eagerly).
         """
         ids = [self.pad_token_id] * MIN_COMPILED_LENGTH
+        counts = sorted(set(thread_counts))
         restore = torch.get_num_threads()
         started = time.perf_counter()
         try:
-            for threads in sorted(set(thread_counts)):
+            for threads in counts:
                 self.forward([ids], threads=threads)
                 self.forward([ids] * (MIN_COMPILED_LENGTH + 1), threads=threads)
         except Exception as error:  # Inductor raises many kinds: one line names the cause
@@ -208,7 +209,7 @@ class TransformersBackend:
             torch.set_num_threads(restore)
         log.info(
             "torch.compile: graphs for %s thread(s) compiled in %.1f s",
-            " and ".join(map(str, sorted(set(thread_counts)))),
+            " and ".join(map(str, counts)),
             time.perf_counter() - started,
         )
 
