@@ -8,7 +8,7 @@ With `compile`, the forward runs through `torch.compile` with dynamic shapes and
 weights frozen as constants (on a CPU, Inductor then fuses the elementwise operators and
 hands oneDNN pre-packed weights). Dynamo specialises dimensions of size 0 and 1 and guards
 on torch's thread count, so a compiled model has two graphs, one batch item and several, for
-each thread count its forwards run on (every thread; one), all compiled before serving;
+each thread count its forwards run on (`CoreShare.counts`), all compiled before serving;
 batches are padded to at least two tokens, so that no length-1 graph is ever needed, and
 any other shape the graphs' guards reject runs eagerly rather than compiling mid-serving.
 Inductor's own CPU kernels are compiled for one thread, so compiled forwards can run side
@@ -168,8 +168,8 @@ class TransformersBackend:
         self.pad_token_id = pad_token_id
         self.run: Callable[..., Any] = self.model
         self.min_length = 1
-        # Dynamo's stance for forwards (None: not compiled, or compiling). Once both graphs
-        # exist, a shape neither covers runs eagerly instead of holding every queued request
+        # Dynamo's stance for forwards (None: not compiled, or compiling). Once the graphs
+        # exist, a shape none covers runs eagerly instead of holding every queued request
         # behind a compile of tens of seconds; tests set "fail_on_recompile".
         self.stance: str | None = None
         if compile:
