@@ -1,21 +1,25 @@
 """Plan and run a merge: inputs -> canonical order -> streamed chunks -> atomic artifact.
 
-Memory stays flat in M and in model size: one fp64 accumulator chunk and one input chunk
-at a time, read with pread into buffers reused for the whole merge.
+Memory stays flat in M and in model size: per averaging worker, one fp64 accumulator chunk
+and one input chunk at a time, read with pread into buffers reused for the whole merge.
 A background thread hashes the input files while the merge runs, then hashes each output
-shard as it is written: the artifact is never read back for its manifest.
+shard as it is written: the artifact is never read back for its manifest. Once the inputs
+are hashed, the cores that hashing used average chunks too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +27,7 @@ from merger import __version__
 from merger.checkpoints import (
     CONFIG_NAME,
     Checkpoint,
+    FileHashes,
     TensorInfo,
     TensorReader,
     check_compatible,
@@ -30,7 +35,7 @@ from merger.checkpoints import (
     sha256_file,
 )
 from merger.config import MergeSpec, Method
-from merger.dtypes import CONFIG_DTYPE_NAMES, FLOATING, OUTPUT_DTYPES, to_torch
+from merger.dtypes import CONFIG_DTYPE_NAMES, FLOATING, OUTPUT_DTYPES, itemsize, to_torch
 from merger.errors import MergeError
 from merger.manifest import (
     MANIFEST_NAME,
@@ -153,6 +158,10 @@ def _row_chunks(info: TensorInfo, chunk_elements: int) -> Iterator[tuple[int, in
         yield start, min(start + step, info.shape[0])
 
 
+def _bytes(t: torch.Tensor) -> memoryview:
+    return t.view(-1).view(torch.uint8).numpy().data
+
+
 @dataclass
 class _Context:
     plan: MergePlan
@@ -162,17 +171,25 @@ class _Context:
     def read_whole(self, info: TensorInfo) -> torch.Tensor:
         """A whole input tensor in a fresh tensor of its own dtype."""
         out = torch.empty(info.shape, dtype=to_torch(info.dtype))
-        self.reader.read(info, None, out)
+        self.reader.read(info, None, _bytes(out))
         self.progress(out.nbytes)
         return out
 
 
-class _Averager:
-    """The weighted average, chunk by chunk, in buffers reused for the whole merge.
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows [start, stop) of one output tensor (None: the whole tensor)."""
 
-    Chunks are sized to stay in a core's cache across the M inputs. The arithmetic runs on
-    one torch thread: the hashing thread has the other core (measured: a second torch
-    thread, or a second chunk worker, made the merge slower on two cores, not faster).
+    target: PlannedTensor
+    rows: tuple[int, int] | None
+    shape: tuple[int, ...]
+
+
+class _Averager:
+    """The weighted average of chunks, in buffers reused for the whole merge.
+
+    Chunks are sized to stay in a core's cache across the M inputs; the arithmetic runs on
+    one torch thread per averager. A chunk returned by `average` is valid until its next call.
     """
 
     def __init__(self, ctx: _Context) -> None:
@@ -182,25 +199,84 @@ class _Averager:
         self._terms = ctx.plan.sources()
         self._total = math.fsum(w for _, w in self._terms)
 
-    def write(self, target: PlannedTensor, writer: ShardWriter) -> None:
-        """Average `target` chunk by chunk and append it to `writer`."""
-        info = self._terms[0][0].tensors[target.name]
-        for rows in _row_chunks(info, self._ctx.plan.spec.chunk_elements):
-            shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
-            writer.write(target.name, self._average(target, rows, shape))
-
-    def _average(
-        self, target: PlannedTensor, rows: tuple[int, int] | None, shape: tuple[int, ...]
-    ) -> torch.Tensor:
-        acc = self._buffers.get("acc", ACC_DTYPE, shape)
-        promoted = self._buffers.get("promoted", ACC_DTYPE, shape)
+    def average(self, chunk: _Chunk) -> torch.Tensor:
+        """The averaged, rounded chunk."""
+        acc = self._buffers.get("acc", ACC_DTYPE, chunk.shape)
+        promoted = self._buffers.get("promoted", ACC_DTYPE, chunk.shape)
         for i, (ckpt, weight) in enumerate(self._terms):
-            info = ckpt.tensors[target.name]
-            x = self._buffers.get("input", to_torch(info.dtype), shape)
-            self._ctx.reader.read(info, rows, x)
+            info = ckpt.tensors[chunk.target.name]
+            x = self._buffers.get("input", to_torch(info.dtype), chunk.shape)
+            self._ctx.reader.read(info, chunk.rows, _bytes(x))
             accumulate(acc, x, weight, promoted, first=i == 0)
-            self._ctx.progress(x.nbytes)
-        return self._rounder.round(acc, to_torch(target.dtype), divisor=self._total, consume=True)
+        out_dtype = to_torch(chunk.target.dtype)
+        return self._rounder.round(acc, out_dtype, divisor=self._total, consume=True)
+
+
+def _chunks(plan: MergePlan, targets: list[PlannedTensor]) -> list[_Chunk]:
+    out = []
+    for target in targets:
+        info = plan.members[0].tensors[target.name]
+        for rows in _row_chunks(info, plan.spec.chunk_elements):
+            shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+            out.append(_Chunk(target, rows, shape))
+    return out
+
+
+class _Averagers:
+    """Averages runs of tensors on this thread and on helper threads, writing in order.
+
+    Helpers take the chunks after this thread's, one each, as many as `allowed()` says at
+    that moment: while the inputs are being hashed, that hashing has a core (measured on 2
+    cores: a second averaging thread beside the hashing made the merge slower, not faster).
+    """
+
+    def __init__(self, ctx: _Context, helpers: int, allowed: Callable[[], int]) -> None:
+        self._ctx = ctx
+        self._mine = _Averager(ctx)
+        self._theirs = [_Averager(ctx) for _ in range(helpers)]
+        self._allowed = allowed
+        self._terms = ctx.plan.sources()
+        self._pool = ThreadPoolExecutor(max(1, helpers), thread_name_prefix="warm-merge-average")
+
+    def write(self, targets: list[PlannedTensor], writer: ShardWriter) -> None:
+        """Average `targets` (consecutive tensors of writer's shard) and append them."""
+        chunks = _chunks(self._ctx.plan, targets)
+        i = 0
+        while i < len(chunks):
+            n = min(len(self._theirs), max(0, self._allowed()), len(chunks) - i - 1)
+            group = chunks[i + 1 : i + 1 + n]
+            futures = [
+                self._pool.submit(av.average, c) for av, c in zip(self._theirs, group, strict=False)
+            ]
+            try:
+                self._emit(writer, chunks[i], self._mine.average(chunks[i]))
+                for chunk, future in zip(group, futures, strict=True):
+                    self._emit(writer, chunk, future.result())
+            finally:
+                wait(futures)  # no helper touches its buffers, or the reader, after a failure
+            i += 1 + n
+
+    def _emit(self, writer: ShardWriter, chunk: _Chunk, data: torch.Tensor) -> None:
+        writer.write(chunk.target.name, data)
+        self._ctx.progress(self._input_bytes(chunk))
+
+    def _input_bytes(self, chunk: _Chunk) -> int:
+        n = math.prod(chunk.shape)
+        return sum(n * itemsize(ckpt.tensors[chunk.target.name].dtype) for ckpt, _ in self._terms)
+
+    def lend(self, work: Callable[[], None]) -> None:
+        """Run `work` on this thread and on every helper at once (it shares itself out)."""
+        futures = [self._pool.submit(work) for _ in self._theirs]
+        try:
+            work()
+        finally:
+            wait(futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        """Stop the helper threads (none is running a chunk outside `write`)."""
+        self._pool.shutdown(wait=True)
 
 
 def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
@@ -229,8 +305,10 @@ def _copy_exact(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> No
     writer.write(target.name, first, owned=True)
 
 
-def _hash_inputs(ckpts: list[Checkpoint], stop: threading.Event) -> dict[Path, dict[str, str]]:
-    return {c.path: {f.name: sha256_file(f, stop) for f in c.files} for c in ckpts}
+def _hash_inputs(
+    ckpts: list[Checkpoint], hashes: FileHashes, stop: threading.Event
+) -> dict[Path, dict[str, str]]:
+    return {c.path: {f.name: hashes.get(f, stop) for f in c.files} for c in ckpts}
 
 
 def _record(plan: MergePlan, hashes: dict[Path, dict[str, str]] | None) -> MergeRecord:
@@ -286,14 +364,21 @@ def _seal(
     return writer.seal(shard_metadata(_record(plan, hashing.result())), stop)
 
 
-def _write_shard(ctx: _Context, averager: _Averager, shard: ShardPlan, writer: ShardWriter) -> None:
+def _write_shard(
+    ctx: _Context, averagers: _Averagers, shard: ShardPlan, writer: ShardWriter
+) -> None:
+    run: list[PlannedTensor] = []  # consecutive tensors to average
     for target in shard.tensors:
+        if target.dtype in FLOATING and ctx.plan.spec.method is not Method.slerp:
+            run.append(target)
+            continue
+        averagers.write(run, writer)
+        run = []
         if target.dtype not in FLOATING:
             _copy_exact(ctx, target, writer)
-        elif ctx.plan.spec.method is Method.slerp:
-            _merge_slerp(ctx, target, writer)
         else:
-            averager.write(target, writer)
+            _merge_slerp(ctx, target, writer)
+    averagers.write(run, writer)
     writer.complete()
 
 
@@ -307,28 +392,55 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# Averaging threads at most (this one and helpers): the arithmetic is memory-bound beyond.
+MAX_AVERAGING_THREADS = 8
+
+
+def _helpers_now(helpers: int, hashing: Future[Any]) -> int:
+    """Averaging helpers to use now: all once the inputs are hashed, one fewer before."""
+    return helpers if hashing.done() else helpers - 1
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_merge(
-    plan: MergePlan, out: Path, *, overwrite: bool = False, progress: Progress | None = None
+    plan: MergePlan,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    hashes: FileHashes | None = None,
 ) -> Manifest:
     """Write the artifact for `plan` atomically into `out`; return its manifest.
 
-    A background thread hashes the inputs, then each output shard as it is written (see
-    ShardWriter.seal); this thread reads, averages and writes.
+    The inputs are hashed on a background thread (`hashes`, when the caller started one
+    earlier, e.g. before importing torch), then each output shard as it is written (see
+    ShardWriter.seal). This thread reads, averages and writes, with helper threads on the
+    other cores (the hashing's too, once the inputs are hashed); once the arithmetic is done,
+    they all hash what inputs are left.
     """
     tick: Progress = progress or (lambda _n: None)
     inputs = [*plan.members, *([plan.init] if plan.init is not None else [])]
     stop = threading.Event()
-    torch_threads = torch.get_num_threads() if plan.spec.method is Method.slerp else 1
-    with (
-        _torch_threads(torch_threads),
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-merge-hash") as background,
-        TensorReader() as reader,
-        AtomicDirectory(out, overwrite=overwrite) as tmp,
-    ):
-        hashing = background.submit(_hash_inputs, inputs, stop)
+    slerp = plan.spec.method is Method.slerp
+    torch_threads = torch.get_num_threads() if slerp else 1
+    helpers = 0 if slerp else min(_cores(), MAX_AVERAGING_THREADS) - 1
+    with contextlib.ExitStack() as stack:
+        if hashes is None:
+            hashes = stack.enter_context(FileHashes(f for c in inputs for f in c.files))
+        stack.enter_context(_torch_threads(torch_threads))
+        background = stack.enter_context(
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-merge-hash")
+        )
+        reader = stack.enter_context(TensorReader())
+        tmp = stack.enter_context(AtomicDirectory(out, overwrite=overwrite))
+        hashing = background.submit(_hash_inputs, inputs, hashes, stop)
         draft = shard_metadata(_record(plan, None))
         ctx = _Context(plan, reader, tick)
-        averager = _Averager(ctx)
+        averagers = _Averagers(ctx, helpers, lambda: _helpers_now(helpers, hashing))
+        stack.callback(averagers.close)
         writers: list[ShardWriter] = []
         seals: list[Future[str]] = []
         try:
@@ -336,7 +448,8 @@ def run_merge(
                 writer = ShardWriter(tmp.path / shard.name, shard, draft)
                 writers.append(writer)
                 seals.append(background.submit(_seal, writer, plan, hashing, stop))
-                _write_shard(ctx, averager, shard, writer)
+                _write_shard(ctx, averagers, shard, writer)
+            averagers.lend(hashes.assist)  # the arithmetic is done: hash what is left
             digests = {w.path.name: seal.result() for w, seal in zip(writers, seals, strict=True)}
             record = _record(plan, hashing.result())
         except BaseException:

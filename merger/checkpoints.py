@@ -1,4 +1,8 @@
-"""Read and verify merge inputs: HF model dirs or bare .safetensors files, never pickles."""
+"""Read and verify merge inputs: HF model dirs or bare .safetensors files, never pickles.
+
+Imports nothing heavy (no torch): the CLI finds and starts hashing the input files while
+torch is still being imported.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ import json
 import math
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from merger.dtypes import itemsize
@@ -51,6 +56,7 @@ CONVERT_HINT = (
     "(safetensors is the default)"
 )
 _HASH_BLOCK = 1 << 20  # stays in cache between the read and the hash
+_HASH_POLL_S = 0.1  # how often a thread waiting for a digest checks for cancellation
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,7 @@ class Checkpoint:
     @property
     def files(self) -> tuple[Path, ...]:
         """Every file this input contributes (hashed for provenance), in a stable order."""
-        index = [self.path / INDEX_NAME] if (self.path / INDEX_NAME).is_file() else []
-        aux = [self.aux_files[k] for k in sorted(self.aux_files)]
-        return tuple(sorted(self.weight_files)) + tuple(index) + tuple(aux)
+        return _provenance_files(self.path, self.weight_files, self.aux_files)
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +109,83 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
     return digest.hexdigest()
 
 
+class FileHashes:
+    """SHA-256 of files, computed on a background thread from construction on.
+
+    Other threads may lend a hand (`assist`); each takes the largest file not yet taken. A
+    file that could not be hashed here is left out: whoever needs it hashes it again and
+    reports the error then. `close` (or leaving the `with` block) cancels what is left.
+    """
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self._files = frozenset(files)
+        self._digests: dict[Path, str] = {}
+        self._stop = threading.Event()
+        self._todo = sorted(self._files, key=_size_or_zero)  # largest last: popped first
+        self._busy = 0  # files being hashed
+        self._changed = threading.Condition()  # guards the three fields above
+        self._thread = threading.Thread(target=self.assist, name="warm-merge-hash", daemon=True)
+        self._thread.start()
+
+    def assist(self) -> None:
+        """Hash files not yet taken until none is left (the background threads run this; a
+        thread with nothing else to do lends its core by calling it too)."""
+        while not self._stop.is_set():
+            with self._changed:
+                if not self._todo:
+                    return
+                path = self._todo.pop()
+                self._busy += 1
+            try:
+                digest: str | None = sha256_file(path, self._stop)
+            except (MergeError, OSError):
+                digest = None
+            with self._changed:
+                self._busy -= 1
+                if digest is not None:
+                    self._digests[path] = digest
+                self._changed.notify_all()
+
+    def get(self, path: Path, stop: threading.Event | None = None) -> str:
+        """The digest of `path`: waits for it here, or hashes it now if it is not one of these
+        files (or hashing it failed here: the error is then raised)."""
+        with self._changed:
+            while (
+                path in self._files
+                and path not in self._digests
+                and (self._todo or self._busy)
+                and not self._stop.is_set()
+            ):
+                if stop is not None and stop.is_set():
+                    raise MergeError(f"{path}: hashing cancelled")
+                self._changed.wait(_HASH_POLL_S)
+            digest = self._digests.get(path)
+        return digest if digest is not None else sha256_file(path, stop)
+
+    def close(self) -> None:
+        """Cancel the files not hashed yet and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> FileHashes:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors of one .safetensors file (header only, no tensor data read).
 
@@ -112,7 +193,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     its API does not expose, come from the same JSON header and are cross-checked against it.
     """
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="numpy") as fh:  # "pt" would import torch
             validated = {
                 name: (fh.get_slice(name).get_dtype(), tuple(fh.get_slice(name).get_shape()))
                 for name in fh.keys()  # noqa: SIM118 - safe_open is not a Mapping
@@ -137,20 +218,26 @@ class TensorReader:
     Unlike safe_open's memory map, nothing stays resident in this process after a read (peak
     memory stays flat in M and model size) and no page faults are taken per chunk, which on
     the measured machine made pread into a reused buffer about 2x faster than the mapping.
+    Safe to share between threads reading into different buffers.
     """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._opening = threading.Lock()
 
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None, out: torch.Tensor) -> None:
-        """Fill `out` (contiguous, info's dtype) with rows [start, stop) of the tensor, or all."""
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None, out: memoryview) -> None:
+        """Fill `out` (a C-contiguous buffer of exactly those bytes) with rows [start, stop)
+        of the tensor, or all of it."""
         rows_in = info.shape[0] if info.shape else 0
         row_bytes = info.numel // rows_in * itemsize(info.dtype) if rows_in else 0
         start = info.offset + (rows[0] * row_bytes if rows is not None else 0)
-        view = out.view(torch.uint8).numpy().data
+        view = out.cast("B")
         fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            with self._opening:
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         done = 0
         while done < view.nbytes:
             n = os.preadv(fd, [view[done:]], start + done)
@@ -195,6 +282,31 @@ def _weight_files(directory: Path) -> tuple[Path, ...]:
     raise MergeError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
 
 
+def _aux_files(directory: Path) -> dict[str, Path]:
+    return {n: directory / n for n in (CONFIG_NAME, *TOKENIZER_FILES) if (directory / n).is_file()}
+
+
+def _provenance_files(
+    path: Path, weight_files: Iterable[Path], aux_files: dict[str, Path]
+) -> tuple[Path, ...]:
+    index = [path / INDEX_NAME] if (path / INDEX_NAME).is_file() else []
+    aux = [aux_files[k] for k in sorted(aux_files)]
+    return (*sorted(weight_files), *index, *aux)
+
+
+def input_files(path: Path) -> tuple[Path, ...]:
+    """The files `open_checkpoint(path).files` will list, found without reading a header.
+
+    Raises MergeError where open_checkpoint would refuse the input's layout.
+    """
+    path = path.expanduser().resolve()
+    if path.is_file():
+        return (path,)
+    if not path.is_dir():
+        raise MergeError(f"{path}: no such file or directory")
+    return _provenance_files(path, _weight_files(path), _aux_files(path))
+
+
 def _check_index(directory: Path, tensors: dict[str, TensorInfo]) -> None:
     index = directory / INDEX_NAME
     if not index.is_file():
@@ -227,7 +339,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
                 raise MergeError(f"{f}: tensor {name} also stored in {tensors[name].file.name}")
             tensors[name] = info
     _check_index(path, tensors)
-    aux = {n: path / n for n in (CONFIG_NAME, *TOKENIZER_FILES) if (path / n).is_file()}
+    aux = _aux_files(path)
     config = None
     if CONFIG_NAME in aux:
         try:

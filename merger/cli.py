@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from merger.checkpoints import FileHashes, input_files
 from merger.config import MergeSpec, Method
 from merger.errors import MergeError
 
@@ -44,6 +45,17 @@ def _spec_error(exc: ValidationError) -> NoReturn:
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # Unwind like Ctrl-C so the partial output directory is removed.
     raise KeyboardInterrupt
+
+
+def _early_hashes(spec: MergeSpec, dry_run: bool) -> FileHashes:
+    """Start hashing the input files now, before torch is imported (none for a dry run, or
+    when an input's layout is wrong: planning then reports it)."""
+    paths = [*spec.inputs, *([spec.init] if spec.init is not None else [])]
+    try:
+        files = [] if dry_run else [f for p in paths for f in input_files(p)]
+    except MergeError:
+        files = []
+    return FileHashes(dict.fromkeys(files))
 
 
 def _parse_weights(raw: str | None) -> tuple[float, ...] | None:
@@ -84,8 +96,6 @@ def build(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Merge M reward-model checkpoints into one verified WARM artifact."""
-    from merger.build import plan_merge, run_merge
-
     try:
         spec = MergeSpec(
             inputs=tuple(checkpoints),
@@ -100,31 +110,38 @@ def build(
         )
     except ValidationError as exc:
         _spec_error(exc)
-    try:
-        plan = plan_merge(spec)
-        if dry_run:
-            _print_plan(plan)
-            return
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        show = progress and sys.stderr.isatty()
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            disable=not show,
-        ) as bar:
-            task = bar.add_task("merging", total=plan.bytes_to_read)
-            manifest = run_merge(
-                plan, out_dir, overwrite=force, progress=lambda n: bar.advance(task, n)
-            )
-    except MergeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was written")
-        raise typer.Exit(130) from None
+    with _early_hashes(spec, dry_run) as hashes:
+        from merger.build import plan_merge, run_merge  # torch: imported while hashing runs
+
+        try:
+            plan = plan_merge(spec)
+            if dry_run:
+                _print_plan(plan)
+                return
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            show = progress and sys.stderr.isatty()
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                disable=not show,
+            ) as bar:
+                task = bar.add_task("merging", total=plan.bytes_to_read)
+                manifest = run_merge(
+                    plan,
+                    out_dir,
+                    overwrite=force,
+                    progress=lambda n: bar.advance(task, n),
+                    hashes=hashes,
+                )
+        except MergeError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing was written")
+            raise typer.Exit(130) from None
     out.print(f"wrote {out_dir} (fingerprint {manifest.fingerprint[:16]})")
 
 

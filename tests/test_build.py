@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,11 @@ from conftest import load_state, make_rm
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from merger import build
 from merger.build import plan_merge, run_merge
+from merger.checkpoints import FileHashes, input_files
 from merger.config import MergeSpec, Method
+from merger.errors import MergeError
 from merger.manifest import MANIFEST_NAME, read_manifest, verify_artifact
 from merger.methods import slerp_merge
 
@@ -274,3 +279,74 @@ def test_merged_minilm_reward_model_loads_and_scores(tmp_path: Path, minilm_dir:
         got, want = warm(**batch).logits, ref(**batch).logits
     assert got.shape == (2, 1)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.fixture
+def helpers_always(monkeypatch: pytest.MonkeyPatch) -> Counter[bool]:
+    """Four cores, every helper averaging from the first chunk on; counts the chunks
+    averaged on helper threads (True) and on the merging thread (False)."""
+    monkeypatch.setattr(build, "_cores", lambda: 4)
+    monkeypatch.setattr(build, "_helpers_now", lambda helpers, hashing: helpers)
+    seen: Counter[bool] = Counter()
+    average = build._Averager.average
+
+    def counting(self: build._Averager, chunk: build._Chunk) -> torch.Tensor:
+        seen[threading.current_thread() is not threading.main_thread()] += 1
+        return average(self, chunk)
+
+    monkeypatch.setattr(build._Averager, "average", counting)
+    return seen
+
+
+def test_helper_threads_write_the_same_bytes(
+    tmp_path: Path,
+    gpt2_members: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    helpers_always: Counter[bool],
+) -> None:
+    a, b, c, _ = gpt2_members
+    options: dict[str, object] = {"chunk_elements": 7, "max_shard_size": 40_000}
+    with monkeypatch.context() as alone:
+        alone.setattr(build, "_cores", lambda: 1)
+        one = merge([a, b, c], tmp_path / "one", **options)
+    assert helpers_always[True] == 0
+    helpers_always.clear()
+    many = merge([a, b, c], tmp_path / "many", **options)
+    assert helpers_always[True] > helpers_always[False] > 0  # 3 helpers, 1 merging thread
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in many.iterdir())
+    for name in names:
+        assert (one / name).read_bytes() == (many / name).read_bytes(), name
+
+
+def test_a_failing_helper_fails_the_merge_and_leaves_nothing(
+    tmp_path: Path,
+    gpt2_members: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    helpers_always: Counter[bool],
+) -> None:
+    a, b, _, _ = gpt2_members
+    average = build._Averager.average
+
+    def failing(self: build._Averager, chunk: build._Chunk) -> torch.Tensor:
+        if threading.current_thread() is not threading.main_thread():
+            raise MergeError(f"{chunk.target.name}: read failed")
+        return average(self, chunk)
+
+    monkeypatch.setattr(build._Averager, "average", failing)
+    with pytest.raises(MergeError, match="read failed"):
+        merge([a, b], tmp_path / "out", chunk_elements=7)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_hashes_started_early_are_the_manifests(tmp_path: Path, gpt2_members: list[Path]) -> None:
+    a, b, _, _ = gpt2_members
+    files = [f for m in (a, b) for f in input_files(m)]
+    with FileHashes(files) as hashes:
+        run_merge(plan_merge(MergeSpec(inputs=(a, b))), tmp_path / "early", hashes=hashes)
+    late = merge([a, b], tmp_path / "late")
+    assert read_manifest(tmp_path / "early") == read_manifest(late)
+    assert (tmp_path / "early" / "model.safetensors").read_bytes() == (
+        late / "model.safetensors"
+    ).read_bytes()
