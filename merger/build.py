@@ -264,11 +264,15 @@ class _Averagers:
         n = math.prod(chunk.shape)
         return sum(n * itemsize(ckpt.tensors[chunk.target.name].dtype) for ckpt, _ in self._terms)
 
-    def lend(self, work: Callable[[], None]) -> None:
-        """Run `work` on this thread and on every helper at once (it shares itself out)."""
+    def lend(self, work: Callable[[], None], cancel: Callable[[], None]) -> None:
+        """Run `work` on this thread and on every helper at once (it shares itself out);
+        if this thread fails or is interrupted, `cancel` stops the helpers' share."""
         futures = [self._pool.submit(work) for _ in self._theirs]
         try:
             work()
+        except BaseException:
+            cancel()
+            raise
         finally:
             wait(futures)
         for future in futures:
@@ -449,11 +453,13 @@ def run_merge(
                 writers.append(writer)
                 seals.append(background.submit(_seal, writer, plan, hashing, stop))
                 _write_shard(ctx, averagers, shard, writer)
-            averagers.lend(hashes.assist)  # the arithmetic is done: hash what is left
+            averagers.lend(hashes.assist, hashes.cancel)  # arithmetic done: hash what is left
             digests = {w.path.name: seal.result() for w, seal in zip(writers, seals, strict=True)}
             record = _record(plan, hashing.result())
+            hashes.check_unchanged(reader.opened)
         except BaseException:
             stop.set()
+            hashes.cancel()
             for writer in writers:
                 writer.abort()
             wait(seals)

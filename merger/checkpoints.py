@@ -98,73 +98,111 @@ class Checkpoint:
 
 def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
     """Hex SHA-256 of a file, read into one reused buffer; `stop` cancels a long hash."""
+    return _sha256_and_identity(path, stop)[0]
+
+
+FileIdentity = tuple[int, int, int, int]  # device, inode, size, mtime (ns)
+
+
+def file_identity(st: os.stat_result) -> FileIdentity:
+    """What changes when a file is replaced or rewritten."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _sha256_and_identity(
+    path: Path, stop: threading.Event | None = None
+) -> tuple[str, FileIdentity]:
     digest = hashlib.sha256()
     block = bytearray(_HASH_BLOCK)
     view = memoryview(block)
     with path.open("rb", buffering=0) as fh:
+        identity = file_identity(os.fstat(fh.fileno()))
         while n := fh.readinto(block):
             if stop is not None and stop.is_set():
                 raise MergeError(f"{path}: hashing cancelled")
             digest.update(view[:n])
-    return digest.hexdigest()
+    return digest.hexdigest(), identity
 
 
 class FileHashes:
     """SHA-256 of files, computed on a background thread from construction on.
 
     Other threads may lend a hand (`assist`); each takes the largest file not yet taken. A
-    file that could not be hashed here is left out: whoever needs it hashes it again and
-    reports the error then. `close` (or leaving the `with` block) cancels what is left.
+    file that could not be hashed here is left out: `get` hashes it again and raises its
+    error then. `cancel` stops the hashing (every thread, within one block); `close` (or
+    leaving the `with` block) also waits for the background thread. Each digest comes with
+    the file's identity when it was opened, so that `check_unchanged` can tell whether the
+    file was replaced or rewritten since.
     """
 
     def __init__(self, files: Iterable[Path]) -> None:
         self._files = frozenset(files)
-        self._digests: dict[Path, str] = {}
+        self._digests: dict[Path, tuple[str, FileIdentity]] = {}
         self._stop = threading.Event()
         self._todo = sorted(self._files, key=_size_or_zero)  # largest last: popped first
-        self._busy = 0  # files being hashed
+        self._pending = set(self._files)  # not taken yet, or being hashed
         self._changed = threading.Condition()  # guards the three fields above
         self._thread = threading.Thread(target=self.assist, name="warm-merge-hash", daemon=True)
         self._thread.start()
 
     def assist(self) -> None:
-        """Hash files not yet taken until none is left (the background threads run this; a
-        thread with nothing else to do lends its core by calling it too)."""
+        """Hash files not yet taken until none is left or the hashing is cancelled (the
+        background thread runs this; a thread with nothing else to do lends its core)."""
         while not self._stop.is_set():
             with self._changed:
                 if not self._todo:
                     return
                 path = self._todo.pop()
-                self._busy += 1
+            result = None
             try:
-                digest: str | None = sha256_file(path, self._stop)
-            except (MergeError, OSError):
-                digest = None
-            with self._changed:
-                self._busy -= 1
-                if digest is not None:
-                    self._digests[path] = digest
-                self._changed.notify_all()
+                result = _sha256_and_identity(path, self._stop)
+            except Exception:  # whatever it is, `get` hashes the file again and raises it
+                continue
+            finally:
+                with self._changed:
+                    self._pending.discard(path)
+                    if result is not None:
+                        self._digests[path] = result
+                    self._changed.notify_all()
 
     def get(self, path: Path, stop: threading.Event | None = None) -> str:
         """The digest of `path`: waits for it here, or hashes it now if it is not one of these
-        files (or hashing it failed here: the error is then raised)."""
+        files, or hashing it failed here (raising that error), or the hashing was cancelled."""
         with self._changed:
-            while (
-                path in self._files
-                and path not in self._digests
-                and (self._todo or self._busy)
-                and not self._stop.is_set()
-            ):
+            while path in self._pending and not self._stop.is_set():
                 if stop is not None and stop.is_set():
                     raise MergeError(f"{path}: hashing cancelled")
                 self._changed.wait(_HASH_POLL_S)
-            digest = self._digests.get(path)
-        return digest if digest is not None else sha256_file(path, stop)
+            found = self._digests.get(path)
+        if found is None:
+            found = _sha256_and_identity(path, stop)
+            with self._changed:
+                self._digests[path] = found
+        return found[0]
+
+    def check_unchanged(self, opened: dict[Path, FileIdentity]) -> None:
+        """Raise MergeError if a hashed file was replaced or rewritten since it was opened for
+        hashing, or differs from the file `opened` (by a TensorReader): the digest would not
+        describe the bytes merged."""
+        with self._changed:
+            hashed = {path: identity for path, (_, identity) in self._digests.items()}
+        for path in sorted(hashed.keys() | opened.keys()):
+            try:
+                now = file_identity(path.stat())
+            except OSError as exc:
+                raise MergeError(f"{path}: gone while merging ({exc.strerror})") from exc
+            if hashed.get(path, now) != now or opened.get(path, now) != now:
+                raise MergeError(f"{path}: changed while merging; nothing was written")
+
+    def cancel(self) -> None:
+        """Stop hashing: every thread hashing here stops within one block."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
 
     def close(self) -> None:
-        """Cancel the files not hashed yet and wait for the thread."""
-        self._stop.set()
+        """Cancel the files not hashed yet and wait for the background thread."""
+        self.cancel()
         self._thread.join()
 
     def __enter__(self) -> FileHashes:
@@ -224,6 +262,7 @@ class TensorReader:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._opening = threading.Lock()
+        self.opened: dict[Path, FileIdentity] = {}  # each file as it was when opened
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None, out: memoryview) -> None:
         """Fill `out` (a C-contiguous buffer of exactly those bytes) with rows [start, stop)
@@ -237,7 +276,9 @@ class TensorReader:
             with self._opening:
                 fd = self._fds.get(info.file)
                 if fd is None:
-                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                    fd = os.open(info.file, os.O_RDONLY)
+                    self.opened[info.file] = file_identity(os.fstat(fd))
+                    self._fds[info.file] = fd
         done = 0
         while done < view.nbytes:
             n = os.preadv(fd, [view[done:]], start + done)
@@ -297,14 +338,25 @@ def _provenance_files(
 def input_files(path: Path) -> tuple[Path, ...]:
     """The files `open_checkpoint(path).files` will list, found without reading a header.
 
-    Raises MergeError where open_checkpoint would refuse the input's layout.
+    Raises the MergeError open_checkpoint would for a missing path, a pickle, a file that is
+    not .safetensors or a directory without weights (not those that need the headers).
     """
-    path = path.expanduser().resolve()
+    path = _resolve_input(path)
     if path.is_file():
         return (path,)
-    if not path.is_dir():
-        raise MergeError(f"{path}: no such file or directory")
     return _provenance_files(path, _weight_files(path), _aux_files(path))
+
+
+def _resolve_input(path: Path) -> Path:
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise MergeError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise MergeError(f"{path}: expected a model directory or a .safetensors file")
+    return path
 
 
 def _check_index(directory: Path, tensors: dict[str, TensorInfo]) -> None:
@@ -322,14 +374,8 @@ def _check_index(directory: Path, tensors: dict[str, TensorInfo]) -> None:
 
 def open_checkpoint(path: Path) -> Checkpoint:
     """Resolve one input and read its headers, config and tokenizer files."""
-    path = path.expanduser().resolve()
-    if not path.exists():
-        raise MergeError(f"{path}: no such file or directory")
+    path = _resolve_input(path)
     if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            _refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise MergeError(f"{path}: expected a model directory or a .safetensors file")
         return Checkpoint(path, (path,), read_header(path))
     files = _weight_files(path)
     tensors: dict[str, TensorInfo] = {}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,9 +16,9 @@ from conftest import load_state, make_rm
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merger import build
+from merger import build, checkpoints
 from merger.build import plan_merge, run_merge
-from merger.checkpoints import FileHashes, input_files
+from merger.checkpoints import FileHashes, TensorReader, input_files
 from merger.config import MergeSpec, Method
 from merger.errors import MergeError
 from merger.manifest import MANIFEST_NAME, read_manifest, verify_artifact
@@ -288,10 +291,12 @@ def helpers_always(monkeypatch: pytest.MonkeyPatch) -> Counter[bool]:
     monkeypatch.setattr(build, "_cores", lambda: 4)
     monkeypatch.setattr(build, "_helpers_now", lambda helpers, hashing: helpers)
     seen: Counter[bool] = Counter()
+    lock = threading.Lock()
     average = build._Averager.average
 
     def counting(self: build._Averager, chunk: build._Chunk) -> torch.Tensor:
-        seen[threading.current_thread() is not threading.main_thread()] += 1
+        with lock:
+            seen[threading.current_thread() is not threading.main_thread()] += 1
         return average(self, chunk)
 
     monkeypatch.setattr(build._Averager, "average", counting)
@@ -340,13 +345,73 @@ def test_a_failing_helper_fails_the_merge_and_leaves_nothing(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def test_hashes_started_early_are_the_manifests(tmp_path: Path, gpt2_members: list[Path]) -> None:
+def test_hashes_started_early_are_used_not_redone(
+    tmp_path: Path, gpt2_members: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b, _, _ = gpt2_members
     files = [f for m in (a, b) for f in input_files(m)]
     with FileHashes(files) as hashes:
+        digests = {f: hashes.get(f) for f in files}  # all hashed before the merge starts
+        rehashed: list[Path] = []
+        original = checkpoints._sha256_and_identity
+
+        def counting(path: Path, stop: threading.Event | None = None) -> tuple[str, Any]:
+            rehashed.append(path)
+            return original(path, stop)
+
+        monkeypatch.setattr(checkpoints, "_sha256_and_identity", counting)
         run_merge(plan_merge(MergeSpec(inputs=(a, b))), tmp_path / "early", hashes=hashes)
+    assert not set(rehashed) & set(files)
+    manifest = read_manifest(tmp_path / "early")
+    recorded = {Path(r.path) / n: d for r in manifest.merge.inputs for n, d in r.files.items()}
+    assert recorded == digests
     late = merge([a, b], tmp_path / "late")
-    assert read_manifest(tmp_path / "early") == read_manifest(late)
-    assert (tmp_path / "early" / "model.safetensors").read_bytes() == (
-        late / "model.safetensors"
-    ).read_bytes()
+    assert read_manifest(late) == manifest
+
+
+def test_an_input_rewritten_after_hashing_fails_the_merge(
+    tmp_path: Path, gpt2_members: list[Path]
+) -> None:
+    a, b, _, _ = gpt2_members
+    files = [f for m in (a, b) for f in input_files(m)]
+    with FileHashes(files) as hashes:
+        for f in files:
+            hashes.get(f)
+        weights = b / "model.safetensors"
+        stat = weights.stat()
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # as a rewrite
+        with pytest.raises(MergeError, match=r"model\.safetensors: changed while merging"):
+            run_merge(plan_merge(MergeSpec(inputs=(a, b))), tmp_path / "out", hashes=hashes)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_helpers_average_beside_the_hashing_only_once_it_is_done() -> None:
+    hashing: Future[None] = Future()
+    assert build._helpers_now(3, hashing) == 2
+    assert build._helpers_now(1, hashing) == 0
+    hashing.set_result(None)
+    assert build._helpers_now(3, hashing) == 3
+    assert build._helpers_now(1, hashing) == 1
+
+
+def test_lend_cancels_the_helpers_share_when_this_thread_is_interrupted(
+    gpt2_members: list[Path],
+) -> None:
+    plan = plan_merge(MergeSpec(inputs=tuple(gpt2_members[:2])))
+    cancelled = threading.Event()
+    helper_saw_cancel: list[bool] = []
+
+    def work() -> None:
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt
+        helper_saw_cancel.append(cancelled.wait(10))  # a helper hashing until cancelled
+
+    with TensorReader() as reader:
+        averagers = build._Averagers(build._Context(plan, reader, lambda n: None), 2, lambda: 2)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                averagers.lend(work, cancelled.set)
+        finally:
+            averagers.close()
+    assert helper_saw_cancel == [True, True]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_rm
 
-from merger.checkpoints import FileHashes, input_files, open_checkpoint
+from merger.checkpoints import FileHashes, file_identity, input_files, open_checkpoint
 from merger.errors import MergeError
 
 
@@ -82,9 +82,45 @@ def test_waiting_for_a_digest_is_cancelled_by_stop(tmp_path: Path) -> None:
     assert hashes.get(fifo) == hashlib.sha256(b"").hexdigest()
 
 
-def test_the_cli_finds_and_hashes_inputs_before_importing_torch() -> None:
-    code = "import sys, merger.cli, merger.checkpoints; print('torch' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+def test_a_file_changed_since_hashing_or_reading_is_caught(tmp_path: Path) -> None:
+    f = tmp_path / "weights"
+    f.write_bytes(b"abc")
+    with FileHashes([f]) as hashes:
+        hashes.get(f)
+        hashes.check_unchanged({})
+        hashes.check_unchanged({f: file_identity(f.stat())})
+        with pytest.raises(MergeError, match="weights: changed while merging"):
+            hashes.check_unchanged({f: (0, 0, 0, 0)})  # the reader opened another file
+        f.write_bytes(b"abd")
+        os.utime(f, ns=(0, 0))
+        with pytest.raises(MergeError, match="weights: changed while merging"):
+            hashes.check_unchanged({})
+        f.unlink()
+        with pytest.raises(MergeError, match="weights: gone while merging"):
+            hashes.check_unchanged({})
+
+
+def test_the_cli_starts_hashing_before_importing_torch(
+    tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    members = [
+        make_rm(tmp_path / f"m{s}", "gpt2", seed=s, tokenizer_dir=tiny_tokenizer_dir)
+        for s in range(2)
+    ]
+    code = (
+        "import sys\n"
+        "from merger import checkpoints\n"
+        "start = checkpoints.FileHashes.__init__\n"
+        "def init(self, files):\n"
+        "    files = list(files)\n"
+        "    print('hashing', len(files), 'files; torch imported:', 'torch' in sys.modules)\n"
+        "    start(self, files)\n"
+        "checkpoints.FileHashes.__init__ = init\n"
+        "from merger.cli import app\n"
+        "app(sys.argv[1:])\n"
     )
-    assert result.stdout.strip() == "False"
+    argv = [sys.executable, "-c", code, "build", *map(str, members), "--out", str(tmp_path / "o")]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "hashing 8 files; torch imported: False" in result.stdout  # 4 per member
+    assert (tmp_path / "o" / "warm_manifest.json").is_file()
