@@ -211,6 +211,11 @@ class _Averager:
         out_dtype = to_torch(chunk.target.dtype)
         return self._rounder.round(acc, out_dtype, divisor=self._total, consume=True)
 
+    def input_bytes(self, chunk: _Chunk) -> int:
+        """Bytes `average` reads for `chunk`."""
+        n = math.prod(chunk.shape)
+        return sum(n * itemsize(ckpt.tensors[chunk.target.name].dtype) for ckpt, _ in self._terms)
+
 
 def _chunks(plan: MergePlan, targets: list[PlannedTensor]) -> list[_Chunk]:
     out = []
@@ -235,7 +240,6 @@ class _Averagers:
         self._mine = _Averager(ctx)
         self._theirs = [_Averager(ctx) for _ in range(helpers)]
         self._allowed = allowed
-        self._terms = ctx.plan.sources()
         self._pool = ThreadPoolExecutor(max(1, helpers), thread_name_prefix="warm-merge-average")
 
     def write(self, targets: list[PlannedTensor], writer: ShardWriter) -> None:
@@ -258,11 +262,7 @@ class _Averagers:
 
     def _emit(self, writer: ShardWriter, chunk: _Chunk, data: torch.Tensor) -> None:
         writer.write(chunk.target.name, data)
-        self._ctx.progress(self._input_bytes(chunk))
-
-    def _input_bytes(self, chunk: _Chunk) -> int:
-        n = math.prod(chunk.shape)
-        return sum(n * itemsize(ckpt.tensors[chunk.target.name].dtype) for ckpt, _ in self._terms)
+        self._ctx.progress(self._mine.input_bytes(chunk))
 
     def lend(self, work: Callable[[], None], cancel: Callable[[], None]) -> None:
         """Run `work` on this thread and on every helper at once (it shares itself out);

@@ -55,7 +55,7 @@ def _early_hashes(spec: MergeSpec, dry_run: bool) -> FileHashes:
         files = [] if dry_run else [f for p in paths for f in input_files(p)]
     except MergeError:
         files = []
-    return FileHashes(dict.fromkeys(files))
+    return FileHashes(files)
 
 
 def _parse_weights(raw: str | None) -> tuple[float, ...] | None:
