@@ -250,6 +250,7 @@ class Batcher:
 
     def _run_model(self, worker: int) -> None:
         assert self._loop is not None
+        self.metrics.thread_cpu.register("model")
         while (taken := self._take(worker)) is not None:
             batch, threads = taken
             if self._pending:  # stage the next batch meanwhile (new arrivals wake it anyway)

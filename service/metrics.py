@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -83,3 +90,58 @@ class Metrics:
             buckets=REWARD_BUCKETS, registry=r,
         )  # fmt: skip
         self.ready = Gauge("warm_ready", "1 when the model is loaded and warm.", registry=r)
+        # The process's CPU seconds, resident memory and open files (Linux; nothing
+        # elsewhere): warm_process_cpu_seconds_total against the cores given tells whether
+        # a replica is CPU-bound.
+        ProcessCollector(namespace="warm", registry=r)
+        self.thread_cpu = ThreadCPU()
+        r.register(self.thread_cpu)
+
+
+class ThreadCPU(Collector):
+    """`warm_thread_cpu_seconds_total{role}`: CPU time of the service's own threads by role.
+
+    The event loop (HTTP, JSON, admission, scheduling), the tokeniser and the model
+    threads each register themselves. Where the front's roles use a core's worth, the
+    service is bound by its front, not by the model: more replicas help, more model threads
+    do not. Threads torch starts itself (its OpenMP team) are not counted; the process
+    total is `warm_process_cpu_seconds_total`. Read from /proc (Linux; elsewhere the
+    family is empty), in clock ticks (usually 10 ms).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._roles: dict[int, str] = {}  # native thread id -> role
+        self._last: dict[int, float] = {}  # native thread id -> CPU seconds last read
+
+    def register(self, role: str) -> None:
+        """Count the calling thread's CPU time under `role` from now on (idempotent)."""
+        with self._lock:
+            self._roles[threading.get_native_id()] = role
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "warm_thread_cpu_seconds",
+            "CPU time of the service's threads by role (event_loop, tokenizer, model).",
+            labels=["role"],
+        )
+        totals: dict[str, float] = {}
+        with self._lock:
+            for tid, role in self._roles.items():
+                try:
+                    seconds = thread_cpu_seconds(tid)
+                except (OSError, ValueError, IndexError):  # no /proc, or the thread ended
+                    seconds = None
+                # A thread gone keeps its last reading, so the counter never falls.
+                self._last[tid] = max(self._last.get(tid, 0.0), seconds or 0.0)
+                totals[role] = totals.get(role, 0.0) + self._last[tid]
+        for role, seconds in sorted(totals.items()):
+            family.add_metric([role], seconds)
+        yield family
+
+
+def thread_cpu_seconds(tid: int) -> float:
+    """User plus system CPU seconds of thread `tid` of this process, from /proc."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "tid (comm) ": state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime

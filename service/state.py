@@ -108,6 +108,10 @@ class ServiceState:
             # The tokeniser thread first: it may be created now, from this thread.
             await loop.run_in_executor(self.tokenizer_pool, lower_priority, s.front_nice)
             lower_priority(s.front_nice)  # the event loop: HTTP, JSON, admission
+        self.metrics.thread_cpu.register("event_loop")
+        await loop.run_in_executor(
+            self.tokenizer_pool, self.metrics.thread_cpu.register, "tokenizer"
+        )
         self.model = model
         info = model.backend.info
         if info.backend == "vllm":

@@ -215,10 +215,14 @@ def test_a_batch_filled_by_max_wait_is_split_and_its_rest_does_not_wait_again(
     assert forwards[-1][0] - forwards[0][0] < 0.15  # without: about 0.2 s later
 
 
+THREAD_ROLES = ("event_loop", "tokenizer", "model")
+
+
 def test_metrics_export_every_warm_series(gpt2_rm: Path) -> None:
     with live_server(settings_for(gpt2_rm)) as live:
         httpx.post(f"{live.url}/v1/score", json=items(2))
-        names = {key.split("{")[0] for key in live.metrics()}
+        samples = live.metrics()
+    names = {key.split("{")[0] for key in samples}
     expected = {
         "warm_requests_total", "warm_request_duration_seconds_bucket",
         "warm_tokenize_duration_seconds_bucket", "warm_queue_wait_seconds_bucket",
@@ -226,9 +230,16 @@ def test_metrics_export_every_warm_series(gpt2_rm: Path) -> None:
         "warm_batch_tokens_bucket", "warm_batch_padding_ratio_bucket", "warm_queue_depth",
         "warm_queue_requests", "warm_queue_tokens", "warm_items_scored_total",
         "warm_tokens_scored_total", "warm_reward_bucket", "warm_model_info", "warm_ready",
-        "warm_forwards_total",
+        "warm_forwards_total", "warm_process_cpu_seconds_total",
+        "warm_process_resident_memory_bytes", "warm_process_open_fds",
     }  # fmt: skip
     assert expected <= names, expected - names
+    # The server runs in this process: its own CPU time and memory, not zeros.
+    assert 0 < samples["warm_process_cpu_seconds_total"] <= time.process_time() + 1
+    assert samples["warm_process_resident_memory_bytes"] > 50e6  # torch and a model
+    roles = {k: v for k, v in samples.items() if k.startswith("warm_thread_cpu_seconds_total{")}
+    assert set(roles) == {f'warm_thread_cpu_seconds_total{{role="{r}"}}' for r in THREAD_ROLES}
+    assert roles['warm_thread_cpu_seconds_total{role="model"}'] > 0  # it loaded the model
 
 
 def serve_process(model: Path, port: int, *args: str) -> subprocess.Popen[str]:

@@ -6,6 +6,8 @@ import copy
 import math
 import os
 import random
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from service import cli
 from service.batching import BatchLimits, efficiency, form_batch, padded_tokens
 from service.encoding import Encoder
 from service.errors import STATUS, ErrorType, ServiceError, envelope
+from service.metrics import ThreadCPU, thread_cpu_seconds
 from service.protocol import GetRewardRequest, Item, Message, RerankRequest, ScoreRequest
 from service.ranking import rank
 from service.settings import Settings
@@ -491,3 +494,48 @@ def test_render_all_failure_names_item(tiny_tok: Any) -> None:
     assert info.value.message.startswith("items[2]: cannot render") and "bad prompt" in str(
         info.value
     )
+
+
+def burn_cpu(seconds: float) -> None:
+    """Spin until this thread has used `seconds` of CPU."""
+    while time.thread_time() < seconds:
+        pass
+
+
+def test_thread_cpu_seconds_reads_the_threads_own_clock() -> None:
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    burn_cpu(0.2)
+    assert thread_cpu_seconds(threading.get_native_id()) == pytest.approx(
+        time.thread_time(), abs=2 * tick
+    )
+
+
+def test_thread_cpu_sums_roles_and_never_falls_when_a_thread_ends() -> None:
+    cpu = ThreadCPU()
+    burnt = threading.Barrier(4)
+    end = [threading.Event() for _ in range(3)]
+
+    def worker(role: str, seconds: float, k: int) -> None:
+        cpu.register(role)
+        burn_cpu(seconds)
+        burnt.wait()
+        end[k].wait()
+
+    def totals() -> dict[str, float]:
+        return {s.labels["role"]: s.value for f in cpu.collect() for s in f.samples}
+
+    jobs = (("model", 0.2), ("model", 0.1), ("tokenizer", 0.1))
+    threads = [threading.Thread(target=worker, args=(*job, k)) for k, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    burnt.wait()
+    live = totals()
+    assert live["model"] == pytest.approx(0.3, abs=0.05)  # two threads: 0.2 + 0.1
+    assert live["tokenizer"] == pytest.approx(0.1, abs=0.05)
+    end[0].set()  # one model thread ends: what it used stays counted
+    threads[0].join()
+    assert totals()["model"] >= live["model"]
+    for e, t in zip(end, threads, strict=True):
+        e.set()
+        t.join()
+    assert totals() == pytest.approx(live, abs=0.03)  # every thread gone: last readings
