@@ -276,9 +276,13 @@ def test_keda_scales_on_the_queue_depth_metric() -> None:
     assert "replicas" not in one(docs, "Deployment")["spec"]  # KEDA owns the replica count
     rules = one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
     assert [r["alert"] for r in rules] == [
-        "WarmRewardModelOverloaded", "WarmRewardModelSlow", "WarmRewardModelNotReady",
+        "WarmRewardModelOverloaded", "WarmRewardModelSlow", "WarmRewardModelFrontBound",
+        "WarmRewardModelNotReady",
     ]  # fmt: skip
     assert 'status="429"' in rules[0]["expr"]
+    front = rules[2]["expr"]
+    assert 'role=~"event_loop|tokenizer"' in front and front.rstrip().endswith("> 0.8")
+    assert 'service="rm-warm-rm"' in front
 
 
 def test_existing_secret_is_referenced_not_created() -> None:
