@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -92,7 +93,7 @@ class Metrics:
         self.ready = Gauge("warm_ready", "1 when the model is loaded and warm.", registry=r)
         # The process's CPU seconds, resident memory and open files (Linux; nothing
         # elsewhere): warm_process_cpu_seconds_total against the cores given tells whether
-        # a replica is CPU-bound.
+        # a replica is CPU-bound (vLLM's engine, in processes of its own, is not in it).
         ProcessCollector(namespace="warm", registry=r)
         self.thread_cpu = ThreadCPU()
         r.register(self.thread_cpu)
@@ -101,47 +102,69 @@ class Metrics:
 class ThreadCPU(Collector):
     """`warm_thread_cpu_seconds_total{role}`: CPU time of the service's own threads by role.
 
-    The event loop (HTTP, JSON, admission, scheduling), the tokeniser and the model
-    threads each register themselves. Where the front's roles use a core's worth, the
-    service is bound by its front, not by the model: more replicas help, more model threads
-    do not. Threads torch starts itself (its OpenMP team) are not counted; the process
-    total is `warm_process_cpu_seconds_total`. Read from /proc (Linux; elsewhere the
-    family is empty), in clock ticks (usually 10 ms).
+    The event loop (HTTP, JSON, admission, scheduling), the tokeniser and, with our batcher,
+    the model threads each register themselves; each counts its CPU since it started. When
+    the event loop and the tokeniser together use about a core, the service is bound by its
+    front, not by the model: more replicas help, more model threads do not. Not counted:
+    threads the libraries start themselves (torch's OpenMP team, the fast tokenizer's pool
+    for requests of several texts, vLLM's engine); `warm_process_cpu_seconds_total` has the
+    process's total. Read from /proc (Linux; elsewhere the family is empty), in clock ticks
+    (usually 10 ms). A thread that has ended keeps its last reading: the counters never fall.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._roles: dict[int, str] = {}  # native thread id -> role
-        self._last: dict[int, float] = {}  # native thread id -> CPU seconds last read
+        self._threads: dict[tuple[int, int], str] = {}  # (native id, start time) -> role
+        self._last: dict[tuple[int, int], float] = {}  # CPU seconds last read
 
     def register(self, role: str) -> None:
-        """Count the calling thread's CPU time under `role` from now on (idempotent)."""
+        """Count the calling thread's CPU time (since it started) under `role`.
+
+        Registering again under the same role does nothing; under another, raises.
+        """
+        tid = threading.get_native_id()
+        try:
+            key = (tid, read_thread_stat(tid).started)
+        except (OSError, ValueError, IndexError):  # no /proc here: nothing to count
+            return
         with self._lock:
-            self._roles[threading.get_native_id()] = role
+            if self._threads.setdefault(key, role) != role:
+                raise ValueError(f"thread {tid} is already counted as {self._threads[key]}")
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
             "warm_thread_cpu_seconds",
-            "CPU time of the service's threads by role (event_loop, tokenizer, model).",
+            "CPU time of the service's threads by role (event_loop, tokenizer; model with "
+            "the batcher).",
             labels=["role"],
         )
         totals: dict[str, float] = {}
         with self._lock:
-            for tid, role in self._roles.items():
+            for key, role in self._threads.items():
+                tid, started = key
                 try:
-                    seconds = thread_cpu_seconds(tid)
-                except (OSError, ValueError, IndexError):  # no /proc, or the thread ended
-                    seconds = None
-                # A thread gone keeps its last reading, so the counter never falls.
-                self._last[tid] = max(self._last.get(tid, 0.0), seconds or 0.0)
-                totals[role] = totals.get(role, 0.0) + self._last[tid]
+                    stat = read_thread_stat(tid)
+                except (OSError, ValueError, IndexError):  # the thread has ended
+                    stat = None
+                if stat is not None and stat.started == started:  # not a reused id
+                    self._last[key] = max(self._last.get(key, 0.0), stat.cpu_seconds)
+                totals[role] = totals.get(role, 0.0) + self._last.get(key, 0.0)
         for role, seconds in sorted(totals.items()):
             family.add_metric([role], seconds)
         yield family
 
 
-def thread_cpu_seconds(tid: int) -> float:
-    """User plus system CPU seconds of thread `tid` of this process, from /proc."""
+@dataclass(frozen=True)
+class ThreadStat:
+    """What /proc tells of one thread of this process."""
+
+    cpu_seconds: float  # user plus system
+    started: int  # clock ticks after boot: with the id, names the thread
+
+
+def read_thread_stat(tid: int) -> ThreadStat:
+    """Thread `tid`'s CPU time and start time, from /proc/self/task/TID/stat."""
     stat = Path(f"/proc/self/task/{tid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # after "tid (comm) ": state is field 3
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    utime, stime, started = int(fields[11]), int(fields[12]), int(fields[19])  # 14, 15, 22
+    return ThreadStat((utime + stime) / os.sysconf("SC_CLK_TCK"), started)

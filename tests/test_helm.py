@@ -281,6 +281,7 @@ def test_keda_scales_on_the_queue_depth_metric() -> None:
     ]  # fmt: skip
     assert 'status="429"' in rules[0]["expr"]
     front = rules[2]["expr"]
+    assert "rate(warm_thread_cpu_seconds_total{" in front and front.startswith("sum by")
     assert 'role=~"event_loop|tokenizer"' in front and front.rstrip().endswith("> 0.8")
     assert 'service="rm-warm-rm"' in front
 

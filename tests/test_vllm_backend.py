@@ -148,6 +148,9 @@ def test_service_over_http_with_vllm(minilm_rm: Path, scheduler: str) -> None:
         assert any(k.startswith("vllm:num_requests_running") for k in samples)
         engine_batches = samples.get("warm_batch_size_count", 0)
         assert (engine_batches == 0) == (scheduler == "engine")  # only the batcher batches
+        roles = {k for k in samples if k.startswith("warm_thread_cpu_seconds_total{")}
+        model_role = 'warm_thread_cpu_seconds_total{role="model"}' in roles
+        assert len(roles) == 2 + model_role and model_role == (scheduler == "batcher")
         assert (
             live.metrics()[
                 'warm_model_info{backend="vllm",device="cpu",dtype="float32",'
