@@ -522,13 +522,16 @@ class Window:
     client_cpu: float  # the load generator's CPU seconds per second of window
 
 
-METRIC_NAMES = {
-    f"warm_{base}_{part}"
-    for base in ("batch_size", "batch_padding_ratio", "inference_duration_seconds")
-    for part in ("sum", "count")
-} | {"warm_process_cpu_seconds_total"}
 FRONT_ROLES = ("event_loop", "tokenizer")  # warm_thread_cpu_seconds_total{role=...}
-METRIC_NAMES |= {f'warm_thread_cpu_seconds_total{{role="{role}"}}' for role in FRONT_ROLES}
+METRIC_NAMES = (
+    {
+        f"warm_{base}_{part}"
+        for base in ("batch_size", "batch_padding_ratio", "inference_duration_seconds")
+        for part in ("sum", "count")
+    }
+    | {f'warm_thread_cpu_seconds_total{{role="{role}"}}' for role in FRONT_ROLES}
+    | {"warm_process_cpu_seconds_total"}
+)
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[str, float] | None:
@@ -1108,8 +1111,7 @@ def render(rep: Report, plan: Plan, title: str, context: list[str]) -> str:
         "second (its warm_process_cpu_seconds_total); front CPU: its event loop's and "
         "tokeniser thread's per request (warm_thread_cpu_seconds_total, in 10 ms ticks; "
         "with several items per request the fast tokenizer's own pool, not counted there, "
-        "does much of the tokenising); client "
-        "CPU: the load generator's; "
+        "does much of the tokenising); client CPU: the load generator's; "
         f"both of {os.cpu_count()} cores, so what the two take beyond the forwards is what "
         "the HTTP front and the client take from them. 'vs raw best' divides by the best "
         "raw forward (batch size, one at a time or side by side) of the same workload "
