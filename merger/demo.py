@@ -193,13 +193,13 @@ def _items() -> list[tuple[str, str]]:
 
 def direct_rewards(model_dir: Path) -> list[float]:
     """The examples' rewards from a plain transformers forward pass: what HTTP must match."""
-    from merger.diagnose import rewards_of, tokenize_texts
     from merger.finetune import load_rm
     from merger.formatting import render
+    from merger.scoring import batch_texts, score_batches
 
     model, tokenizer = load_rm(model_dir)
     texts = [render(tokenizer, prompt=p, response=r) for p, r in _items()]
-    return rewards_of(model, tokenize_texts(tokenizer, texts, 64, MAX_LENGTH)).tolist()
+    return score_batches(model, batch_texts(tokenizer, texts, 64, MAX_LENGTH)).tolist()
 
 
 def serve_and_query(expected: list[float]) -> None:

@@ -29,6 +29,7 @@ from merger.checkpoints import Checkpoint, check_compatible, open_checkpoint
 from merger.errors import MergeError
 from merger.formatting import DEFAULT_SEPARATOR, render
 from merger.methods import weighted_average
+from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
 JSON_NAME = "diagnose.json"
@@ -177,30 +178,6 @@ def _load_into(model: Any, state: State, source: str) -> None:
         ) from exc
 
 
-def rewards_of(model: Any, batches: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    """One scalar reward per text, in input order. Shape [N], fp32."""
-    with torch.inference_mode():
-        return torch.cat([model(**enc).logits[:, 0].float() for enc in batches])
-
-
-def tokenize_texts(
-    tokenizer: Any, texts: list[str], batch_size: int, max_length: int
-) -> list[Mapping[str, torch.Tensor]]:
-    """Padded, truncated batches of `texts`, in order."""
-    # Tokenized once: every evaluation then sees identical batches, so WA at lambda = 0
-    # reproduces member A bit for bit.
-    return [
-        tokenizer(
-            texts[i : i + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        for i in range(0, len(texts), batch_size)
-    ]
-
-
 def _validate_args(checkpoints: list[Path], data: list[Preference], lambdas: list[float]) -> None:
     if len(checkpoints) < 2:
         raise ValueError(f"diagnose needs at least two checkpoints, got {len(checkpoints)}")
@@ -223,7 +200,7 @@ def diagnose(
     separator: str = DEFAULT_SEPARATOR,
 ) -> Diagnosis:
     """Score members, WA and ENS along lambda (A to B) and, for M > 2, uniform WA vs ENS."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     _validate_args(checkpoints, data, lambdas)
     if batch_size < 1 or max_length < 1:
@@ -235,12 +212,7 @@ def diagnose(
         raise MergeError(f"{first.path}: diagnose needs model directories (config.json, tokenizer)")
 
     tokenizer = AutoTokenizer.from_pretrained(first.path)
-    if tokenizer.pad_token_id is None:
-        raise MergeError(f"{first.path}: the tokenizer has no pad token; batches need padding")
-    model = AutoModelForSequenceClassification.from_pretrained(first.path).float().eval()
-    if model.config.pad_token_id is None:
-        # Decoder RMs read the reward at the last non-pad token, found through this id.
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model = load_reward_model(first.path)
 
     texts = [
         render(tokenizer, prompt=p.prompt, response=p.chosen, separator=separator) for p in data
@@ -248,12 +220,12 @@ def diagnose(
     texts += [
         render(tokenizer, prompt=p.prompt, response=p.rejected, separator=separator) for p in data
     ]
-    batches = tokenize_texts(tokenizer, texts, batch_size, max_length)
+    batches = batch_texts(tokenizer, texts, batch_size, max_length)
     n = len(data)
 
     def score(state: State, source: str) -> torch.Tensor:
         _load_into(model, state, source)
-        return rewards_of(model, batches)  # [2N]: chosen rewards, then rejected
+        return score_batches(model, batches)  # [2N]: chosen rewards, then rejected
 
     def acc(rewards: torch.Tensor) -> float:
         return pairwise_accuracy(rewards[:n], rewards[n:])

@@ -37,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merger.build import plan_merge, run_merge
 from merger.config import MergeSpec
-from merger.diagnose import pairwise_accuracy, rewards_of, tokenize_texts
-from merger.formatting import DEFAULT_SEPARATOR, render
+from merger.diagnose import pairwise_accuracy
+from merger.formatting import DEFAULT_SEPARATOR, TokenLayout, render
+from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
 MEMBER_FILE = "member.json"
@@ -219,12 +220,14 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], spec: FinetuneSpec) -> A
     """A datasets.Dataset of chosen_ids / rejected_ids, rendered and cut as the service does."""
     from datasets import Dataset
 
+    layout = TokenLayout.of(tokenizer, spec.max_length)
+
     def ids(prompt: str, response: str) -> list[int]:
         text = render(tokenizer, prompt=prompt, response=response, separator=spec.separator)
-        out: list[int] = tokenizer(text, truncation=True, max_length=spec.max_length)["input_ids"]
+        # Cut from the left: keep the response, it is what the reward judges.
+        ((out, _),) = layout.encode(tokenizer, [text], "left")
         return out
 
-    tokenizer.truncation_side = "left"  # keep the response: it is what the reward judges
     rows = [
         {"chosen_ids": ids(p.prompt, p.chosen), "rejected_ids": ids(p.prompt, p.rejected)}
         for p in pairs
@@ -234,10 +237,9 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], spec: FinetuneSpec) -> A
 
 def load_rm(path: Path) -> tuple[Any, Any]:
     """A reward model (eval mode) and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return load_reward_model(path), AutoTokenizer.from_pretrained(path)
 
 
 def pair_rewards(
@@ -255,8 +257,7 @@ def pair_rewards(
         for responses in ([p.chosen for p in pairs], [p.rejected for p in pairs])
         for p, response in zip(pairs, responses, strict=True)
     ]
-    tokenizer.truncation_side = "left"
-    rewards = rewards_of(model.eval(), tokenize_texts(tokenizer, texts, batch_size, max_length))
+    rewards = score_batches(model.eval(), batch_texts(tokenizer, texts, batch_size, max_length))
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 

@@ -1,72 +1,72 @@
-"""The reward model's input contract: a prompt/response pair, a chat or raw text -> one string.
+"""The reward model's input contract: a prompt/response pair, a chat or raw text -> token ids.
 
-Fine-tuning, diagnostics and the reward service all render through `render`, so a reward
-model is always scored on text laid out exactly as it was trained on. Pure: it takes a
-tokenizer object and reads no files.
+Fine-tuning, diagnostics and the reward service all render through `render` and tokenise
+through `TokenLayout`, so a reward model is always scored on exactly the tokens it was
+trained on. Pure: it takes a tokenizer object and reads no files.
 
+Rendering (`render`):
 - With a chat template (`tokenizer.chat_template`): (prompt, response) becomes the chat
   [user: prompt, assistant: response]; chats are rendered by the template without a
-  generation prompt (the assistant turn is already there), and a leading BOS string is
-  dropped when the tokenizer inserts BOS itself while encoding, so it is never doubled.
+  generation prompt (the assistant turn is already there), exactly as
+  `tokenizer.apply_chat_template(messages, tokenize=False)` renders them, BOS text included.
+  The template decides which roles it accepts (`tool` turns and the like included).
 - Without one: prompt + separator + response; a chat is its contents joined by the
   separator (roles dropped), so [user, assistant] renders exactly like (prompt, response).
+
+Tokenising (`TokenLayout`): the text's own tokens, with the special tokens the tokenizer
+adds around a sequence (BOS, or BERT's [CLS] ... [SEP]) added once: a text that already
+starts with them (a template's BOS, OpenRLHF's preformatted queries) is not given a
+second copy. Over-long texts are cut on one side, the special tokens kept.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
-ROLES = frozenset({"system", "user", "assistant"})
 DEFAULT_SEPARATOR = "\n\n"
+# Message keys passed through to chat templates beside role and content (OpenAI's chat
+# format: tool calls and their results).
+OPTIONAL_MESSAGE_KEYS = frozenset({"name", "tool_calls", "tool_call_id", "reasoning_content"})
+PROBE = "x"
 
 
 class Tokenizer(Protocol):
-    """The part of a Hugging Face tokenizer that rendering uses."""
+    """The part of a Hugging Face tokenizer that rendering and tokenising use."""
 
     chat_template: str | dict[str, str] | None
-    bos_token: str | None
-    bos_token_id: int | None
 
-    def __call__(self, text: str) -> Any:
-        """Encode one string; the result maps "input_ids" to a list of ids."""
+    def __call__(self, text: Any, **kwargs: Any) -> Any:
+        """Encode one string or a list; the result maps "input_ids" to ids."""
 
-    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any:
+    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> Any:
         """Render a conversation with the tokenizer's chat template."""
 
 
-def check_messages(messages: list[dict[str, str]]) -> None:
-    """Raise ValueError unless messages is a non-empty list of {role, content} strings."""
+def check_messages(messages: Sequence[dict[str, Any]]) -> None:
+    """Raise ValueError unless messages is a non-empty list of {role, content} dicts with
+    string values (plus the optional keys chat templates read, e.g. tool_calls)."""
     if not messages:
         raise ValueError("messages is empty: give at least one {role, content} message")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             keys = sorted(message) if isinstance(message, dict) else type(message).__name__
             raise ValueError(f"messages[{i}]: expected keys role and content, got {keys}")
+        unknown = set(message) - {"role", "content"} - OPTIONAL_MESSAGE_KEYS
+        if unknown:
+            raise ValueError(f"messages[{i}]: unknown keys {sorted(unknown)}")
         role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise ValueError(
-                f"messages[{i}]: unknown role {role!r} (expected one of {sorted(ROLES)})"
-            )
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}]: role must be a non-empty string")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]: content is {type(content).__name__}, not a string")
 
 
-def adds_bos(tokenizer: Tokenizer) -> bool:
-    """Whether encoding with this tokenizer inserts its BOS token by itself."""
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = list(tokenizer("x")["input_ids"])
-    return ids[:1] == [tokenizer.bos_token_id]
-
-
-def _from_template(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
+def _from_template(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> str:
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     if not isinstance(rendered, str):
         raise ValueError(f"chat template rendered {type(rendered).__name__}, expected a string")
-    bos = tokenizer.bos_token
-    # Templates write BOS as text and most tokenizers add it again when encoding: keep one.
-    if bos and rendered.startswith(bos) and adds_bos(tokenizer):
-        rendered = rendered[len(bos) :]
     return rendered
 
 
@@ -75,7 +75,7 @@ def render(
     *,
     prompt: str | None = None,
     response: str | None = None,
-    messages: list[dict[str, str]] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     text: str | None = None,
     separator: str = DEFAULT_SEPARATOR,
 ) -> str:
@@ -98,3 +98,62 @@ def render(
     if tokenizer.chat_template:
         return _from_template(tokenizer, messages)
     return separator.join(m["content"] for m in messages)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The special tokens a tokenizer puts around one sequence, and the truncation rule.
+
+    `ids(content)` is `prefix + content + suffix`, where `content` is the text's tokens
+    without special tokens; a content that already starts with the prefix keeps its own
+    copy only. An item longer than `max_length` loses content tokens from `side`.
+    """
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    max_length: int
+
+    def __post_init__(self) -> None:
+        if len(self.prefix) + len(self.suffix) >= self.max_length:
+            raise ValueError(
+                f"max_length {self.max_length} leaves no room for content beside the "
+                f"{len(self.prefix) + len(self.suffix)} special tokens the tokenizer adds"
+            )
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, max_length: int) -> TokenLayout:
+        """The layout of `tokenizer`, found by encoding a probe with and without its special
+        tokens (ValueError if they are not a prefix and a suffix around the text's tokens)."""
+        full = list(tokenizer(PROBE)["input_ids"])
+        bare = list(tokenizer(PROBE, add_special_tokens=False)["input_ids"])
+        for start in range(len(full) - len(bare) + 1):
+            if full[start : start + len(bare)] == bare:
+                prefix, suffix = full[:start], full[start + len(bare) :]
+                return cls(tuple(prefix), tuple(suffix), max_length)
+        raise ValueError(
+            f"the tokenizer's special tokens are not a prefix and suffix: {PROBE!r} encodes "
+            f"to {full} with them and {bare} without"
+        )
+
+    def ids(
+        self, content: Sequence[int], side: Literal["left", "right"] | str = "left"
+    ) -> tuple[list[int], bool]:
+        """The item's token ids and whether content was cut to fit `max_length`."""
+        prefix, suffix = list(self.prefix), list(self.suffix)
+        body = list(content)
+        if prefix and body[: len(prefix)] == prefix:
+            body = body[len(prefix) :]  # the text carries the prefix already: keep one
+        room = self.max_length - len(prefix) - len(suffix)
+        truncated = len(body) > room
+        if truncated:
+            body = body[len(body) - room :] if side == "left" else body[:room]
+        return prefix + body + suffix, truncated
+
+    def encode(
+        self, tokenizer: Tokenizer, texts: Sequence[str], side: Literal["left", "right"] | str
+    ) -> list[tuple[list[int], bool]]:
+        """Token ids (and truncation flags) of rendered texts, in order."""
+        if not texts:
+            return []
+        contents = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [self.ids(content, side) for content in contents]

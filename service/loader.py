@@ -132,11 +132,13 @@ def load_model(settings: Settings) -> LoadedModel:
     if limit is not None and max_length > limit:
         raise LoadError(f"max_length {max_length} exceeds the model's limit of {limit} tokens")
     max_length = min(max_length, settings.max_batch_tokens)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise LoadError(f"{model_dir}: neither tokenizer nor config defines a pad or EOS token")
+    try:
+        encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
+    except ValueError as error:
+        raise LoadError(f"{model_dir}: {error}") from error
+    # Only fills padded positions: rewards are read where the attention mask says.
+    known = (tokenizer.pad_token_id, config.pad_token_id, tokenizer.eos_token_id)
+    pad = next((p for p in known if p is not None), 0)
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
@@ -145,7 +147,6 @@ def load_model(settings: Settings) -> LoadedModel:
     backend = make_backend(
         settings, model_dir, config, max_length=max_length, pad=int(pad), threads=threads
     )
-    encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
     overhead, budget = settings.batch_overhead_tokens, settings.max_batch_tokens
     if settings.continuous:  # vLLM's scheduler forms the batches: nothing to calibrate
         overhead = overhead or 0.0

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Scored responses carry the served model's fingerprint in this header (clients pin to it).
 FINGERPRINT_HEADER = "x-warm-fingerprint"
 
-Role = Literal["system", "user", "assistant"]
 Side = Literal["left", "right"]
 
 
@@ -21,10 +20,17 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
-    """One chat turn."""
+    """One chat turn. Any role the model's chat template accepts (`system`, `user`,
+    `assistant`, `tool`, ...): the template decides, and one that refuses a turn fails the
+    request with a 422 naming the item."""
 
-    role: Role
+    role: str = Field(min_length=1)
     content: str
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="An assistant turn's tool calls, as OpenAI's chat format has them."
+    )
+    tool_call_id: str | None = None
 
 
 class Item(_Strict):

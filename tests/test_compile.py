@@ -48,8 +48,8 @@ def batch(items: int, tokens: int) -> list[list[int]]:
     return [[5 + (3 * i + 7 * t) % 90 for t in range(max(1, tokens - i))] for i in range(items)]
 
 
-# Items whose tokens include the pad id: a decoder pools its last non-pad token, so the
-# padding a compiled batch adds must not move that token.
+# Items whose tokens include the pad id: a decoder's reward is read at each item's last
+# token, found from the attention mask, never through the pad id.
 WITH_PAD_IDS = [[7, 9, PAD_ID], [PAD_ID], [12, PAD_ID, 14, 15], [PAD_ID, PAD_ID]]
 
 
@@ -59,6 +59,7 @@ def test_compiled_forwards_match_eager_ones_and_never_recompile(
 ) -> None:
     model_dir: Path = request.getfixturevalue(fixture)
     eager = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    eager.config.pad_token_id = None  # one unpadded item: transformers reads its last token
     backend = compiled_backend(model_dir)
     assert backend.info.compiled and backend.stance == "eager_on_recompile"
     backend.stance = "fail_on_recompile"  # any shape needing a new graph raises

@@ -215,8 +215,8 @@ def test_item_valid_forms(body: dict[str, Any], n_chars: int) -> None:
         ({"response": "r"}, "prompt is missing"),
         ({"text": "a", "score": 1}, "Extra inputs"),
         ({"messages": []}, "at least 1"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "'system', 'user' or 'assistant'"),
-        ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, "Extra inputs"),
+        ({"messages": [{"role": "", "content": "x"}]}, "at least 1 character"),
+        ({"messages": [{"role": "user", "content": "x", "weight": 1}]}, "Extra inputs"),
     ],
 )
 def test_item_rejected(body: dict[str, Any], message: str) -> None:

@@ -121,15 +121,14 @@ def margins(path: Path, pairs: Sequence[PrefPair], max_length: int) -> torch.Ten
 
 def rewards(path: Path, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> Any:
     """One reward per (prompt, response), as the service would score it; [N] fp32."""
-    from merger.diagnose import rewards_of, tokenize_texts
     from merger.formatting import render
+    from merger.scoring import batch_texts, score_batches
 
     model, tokenizer = load_rm(path)
-    tokenizer.truncation_side = "left"
     texts = [
         render(tokenizer, prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)
     ]
-    return rewards_of(model, tokenize_texts(tokenizer, texts, 64, max_length))
+    return score_batches(model, batch_texts(tokenizer, texts, 64, max_length))
 
 
 def cached_json(path: Path, key: object, compute: Callable[[], Any]) -> Any:

@@ -1,8 +1,10 @@
 """The transformers backend: `AutoModelForSequenceClassification`, CPU or CUDA.
 
-Batches are right-padded with the model's pad token and an attention mask, so encoders
-pool their first token and decoder classifiers (GPT-2, Llama, ...) read their last real
-token, exactly as a direct forward pass over one unpadded item does.
+Batches are right-padded with an attention mask and run through `merger.scoring.RewardForward`:
+encoders pool their first token and decoder classifiers (GPT-2, Llama, Qwen, Gemma,
+Mistral, ...) read their last real token, found from the attention mask and never from the
+pad id, exactly as a direct forward pass over one unpadded item does. Models that cap
+their attention logits (Gemma 2) load with the eager attention kernel, which applies it.
 
 With `compile`, the forward runs through `torch.compile` with dynamic shapes and the
 weights frozen as constants (on a CPU, Inductor then fuses the elementwise operators and
@@ -31,8 +33,9 @@ import torch
 import torch._inductor.config as inductor_config
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import InductorError
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from merger.scoring import RewardForward, attention_implementation
 from service.backends.base import ModelInfo
 from service.errors import ErrorType, ServiceError
 
@@ -65,7 +68,7 @@ class CompileError(Exception):
     """torch.compile could not compile the model (no C++ compiler, an unsupported operator)."""
 
 
-def compile_model(model: torch.nn.Module) -> Callable[..., Any]:
+def compile_model(model: RewardForward) -> Callable[..., Any]:
     """`model` through torch.compile: dynamic shapes, weights frozen as constants, Inductor's
     C++ kernels on one thread.
 
@@ -154,17 +157,16 @@ class TransformersBackend:
         """`compile_threads`: the CPU thread counts forwards will run on, a pair of graphs
         compiled for each (default: the calling thread's)."""
         self.device = resolve_device(device)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             dtype="auto",
+            attn_implementation=attention_implementation(config),
         )
         torch_dtype = resolve_dtype(dtype, self.device, model.config)
-        model.config.pad_token_id = pad_token_id
-        # Composite configs (vision-language RMs) read the pad id from their text config.
-        model.config.get_text_config().pad_token_id = pad_token_id
-        self.model = model.to(device=self.device, dtype=torch_dtype).eval()
+        self.model = RewardForward(model.to(device=self.device, dtype=torch_dtype).eval())
         self.pad_token_id = pad_token_id
         self.run: Callable[..., Any] = self.model
         self.min_length = 1
@@ -229,7 +231,7 @@ class TransformersBackend:
             logits = self.run(
                 input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
                 attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
-            ).logits
+            )
         outputs: np.ndarray = logits.to(torch.float64).cpu().numpy()
         return outputs
 

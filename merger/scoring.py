@@ -1,0 +1,132 @@
+"""A reward model's forward pass: token ids and attention mask in, the reward head's outputs out.
+
+Decoder reward models (GPT-2, Llama, Qwen, Gemma, Mistral `*ForSequenceClassification`)
+read their reward at the last real token. Transformers finds that token as the rightmost
+one that differs from the pad id, which goes wrong whenever the pad id also occurs as a
+real token: a Llama-3 or Mistral RM without a pad token is padded with EOS, and the EOS
+(`<|eot_id|>`, `</s>`) that their chat templates end every chat with is then skipped.
+Here the last position comes from the attention mask only, with left or right padding,
+whatever the pad id. Encoders (BERT, ...) pool their first token through their own head
+and run unchanged.
+
+Every part of the project scores through `RewardForward`: fine-tuning's evaluation,
+diagnostics and the service's transformers backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from merger.formatting import TokenLayout
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended position, shape (batch,); padding may be on either side.
+
+    A row with no attended position gets index 0.
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only (0, 1, ... from each row's first real
+    token), so that a left-padded row is positioned exactly as the same row unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pools_last_token(model: nn.Module) -> bool:
+    """Whether `model` is a decoder classifier: a base model and a `score` head applied per
+    position, pooled at the last token (transformers' GPT-2 and generic decoder layout)."""
+    base = getattr(model, "base_model", model)
+    return isinstance(getattr(model, "score", None), nn.Linear) and base is not model
+
+
+class RewardForward(nn.Module):
+    """Wraps a `*ForSequenceClassification` model: `forward(input_ids, attention_mask)` gives
+    the head's outputs (batch, num_labels) of each row, as a forward of that row alone does.
+
+    For decoder classifiers the base model runs over the batch, the hidden state at each
+    row's last attended position is gathered, and the score head runs on those rows only.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.last_token = pools_last_token(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Head outputs (batch, num_labels) in the model's dtype."""
+        if not self.last_token:
+            logits: torch.Tensor = self.model(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).logits
+            return logits
+        base: Any = self.model.base_model
+        hidden = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_of(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # (batch, length, hidden)
+        rows = torch.arange(input_ids.shape[0], device=hidden.device)
+        last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (batch, hidden)
+        score: Any = self.model.score
+        out: torch.Tensor = score(last)  # (batch, num_labels)
+        return out
+
+
+def attention_implementation(config: Any) -> str | None:
+    """The attention kernel a reward model must load with (None: transformers' default).
+
+    SDPA has no attention-logit soft-capping and silently drops it, so a model that caps
+    its attention logits (Gemma 2) loads with the eager kernel, which applies it.
+    """
+    text = config.get_text_config()
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return "eager"
+    return None
+
+
+def batch_texts(
+    tokenizer: Any, texts: list[str], batch_size: int, max_length: int, side: str = "left"
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches ({input_ids, attention_mask}) of rendered `texts`, in order,
+    tokenised by the input contract (`TokenLayout`) and cut to `max_length` from `side`."""
+    layout = TokenLayout.of(tokenizer, max_length)
+    ids = [row for row, _ in layout.encode(tokenizer, texts, side)]
+    known = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    pad = next((p for p in known if p is not None), 0)  # fills only: the mask decides
+    batches = []
+    for start in range(0, len(ids), batch_size):
+        rows = ids[start : start + batch_size]
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": mask})
+    return batches
+
+
+def score_batches(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The first head output of every row of `batches`, in order. Shape [N], fp32."""
+    forward = model if isinstance(model, RewardForward) else RewardForward(model)
+    with torch.inference_mode():
+        return torch.cat([forward(**batch)[:, 0].float() for batch in batches])
+
+
+def load_reward_model(path: Any) -> Any:
+    """A `*ForSequenceClassification` model from `path`, fp32, eval mode, with the attention
+    kernel its config needs (`attention_implementation`)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, attn_implementation=attention_implementation(config)
+    )
+    return model.float().eval()
