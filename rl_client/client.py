@@ -36,12 +36,9 @@ from service.protocol import (
     ModelList,
     RerankRequest,
     RerankResponse,
-    RerankResult,
     ScoreResponse,
     ScoreResult,
-    Usage,
 )
-from service.ranking import rank
 
 log = logging.getLogger(__name__)
 
@@ -306,42 +303,13 @@ class AsyncRewardClient:
             request.items(), truncation_side=truncation_side, on_failure="raise"
         )
         results = [r for r in scored.results if r is not None]
-        return ranked(results, scored.model or "", top_k)
+        return RerankResponse.ranking(results, scored.model or "", limit=top_k)
 
     def as_trl_reward_func(self, name: str = "warm_rm") -> Any:
         """An async, picklable `reward_funcs` entry for TRL's GRPOTrainer/RLOOTrainer."""
         from rl_client.adapters import AsyncTRLRewardFunc
 
         return AsyncTRLRewardFunc(self.config, name=name)
-
-
-def ranked(results: Sequence[ScoreResult], model: str, top_k: int | None) -> RerankResponse:
-    """A rerank response built from scored candidates (same ranking as the service's)."""
-    ranking = rank([r.reward for r in results])
-    top = ranking.order[:top_k] if top_k is not None else ranking.order
-    return RerankResponse(
-        model=model,
-        results=[
-            RerankResult(
-                index=i,
-                rank=position,
-                reward=results[i].reward,
-                advantage=ranking.advantages[i],
-                rewards=results[i].rewards,
-                n_tokens=results[i].n_tokens,
-                truncated=results[i].truncated,
-            )
-            for position, i in enumerate(top)
-        ],
-        best_index=ranking.order[0],
-        mean=ranking.mean,
-        std=ranking.std,
-        usage=Usage(
-            items=len(results),
-            tokens=sum(r.n_tokens for r in results),
-            truncated_items=sum(r.truncated for r in results),
-        ),
-    )
 
 
 def _is_config_error(error: Exception) -> bool:

@@ -8,9 +8,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from service.errors import ErrorType, ServiceError
+from service.errors import Dialect, ErrorType, ServiceError
+from service.openapi import WarmError, error_responses
 from service.protocol import (
     FINGERPRINT_HEADER,
+    Document,
     GetRewardRequest,
     GetRewardResponse,
     Item,
@@ -19,14 +21,12 @@ from service.protocol import (
     ModelList,
     RerankRequest,
     RerankResponse,
-    RerankResult,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
     Status,
 )
-from service.ranking import rank
-from service.state import ServiceState
+from service.state import Scored, ServiceState
 
 
 def state_of(request: Request) -> ServiceState:
@@ -70,12 +70,9 @@ api = APIRouter(dependencies=[Depends(authorize)])
 probes = APIRouter()
 
 
-@api.post("/v1/score", response_model=ScoreResponse)
-async def score(body: ScoreRequest, request: Request) -> Response:
-    """Rewards of a batch of items, in request order."""
-    state = state_of(request)
-    scored = await state.score(request, body.items, body.truncation_side)
-    results = [
+def results_of(scored: Scored) -> list[ScoreResult]:
+    """Each item's result, in request order."""
+    return [
         ScoreResult(
             index=i,
             reward=scored.rewards[i],
@@ -85,46 +82,43 @@ async def score(body: ScoreRequest, request: Request) -> Response:
         )
         for i, enc in enumerate(scored.encoded)
     ]
-    return json_response(
-        ScoreResponse(model=scored.model_id, results=results, usage=scored.usage()),
-        scored.fingerprint,
+
+
+@api.post("/v1/score", response_model=ScoreResponse, responses=error_responses(Dialect.WARM))
+@api.post("/score", response_model=ScoreResponse, responses=error_responses(Dialect.WARM))
+async def score(body: ScoreRequest, request: Request) -> Response:
+    """Rewards of a batch of items, in request order (`/score` is the same route)."""
+    scored = await state_of(request).score(request, body.items, body.truncation_side)
+    response = ScoreResponse(
+        model=scored.model_id, results=results_of(scored), usage=scored.usage()
     )
+    return json_response(response, scored.fingerprint)
 
 
-@api.post("/v1/rerank", response_model=RerankResponse)
+@api.post("/v1/rerank", response_model=RerankResponse, responses=error_responses(Dialect.WARM))
 async def rerank(body: RerankRequest, request: Request) -> Response:
-    """Best-of-N: candidates for one prompt, best first, with group-normalised advantages."""
+    """Best-of-N: candidates for one prompt, best first, with group-normalised advantages.
+    Takes warm-rm's shape (prompt/messages, candidates) or Cohere/Jina/vLLM's (query,
+    documents, top_n, return_documents)."""
     state = state_of(request)
-    scored = await state.score(request, body.items(), body.truncation_side)
-    rewards = scored.rewards
-    ranking = rank(rewards)
-    top = ranking.order[: body.top_k] if body.top_k is not None else ranking.order
-    results = [
-        RerankResult(
-            index=i,
-            rank=r,
-            reward=rewards[i],
-            advantage=ranking.advantages[i],
-            rewards=scored.vector(i),
-            n_tokens=len(scored.encoded[i].ids),
-            truncated=scored.encoded[i].truncated,
-        )
-        for r, i in enumerate(top)
-    ]
-    return json_response(
-        RerankResponse(
-            model=scored.model_id,
-            results=results,
-            best_index=ranking.order[0],
-            mean=ranking.mean,
-            std=ranking.std,
-            usage=scored.usage(),
-        ),
-        scored.fingerprint,
+    scored = await state.score(
+        request, body.items(), body.truncation_side, max_length=body.max_tokens_per_doc
     )
+    documents = None
+    if body.return_documents:
+        documents = [Document(text=d) if isinstance(d, str) else d for d in body.documents or []]
+        documents = documents or [Document(text=c) for c in body.responses()]
+    response = RerankResponse.ranking(
+        results_of(scored),
+        scored.model_id,
+        limit=body.limit(),
+        documents=documents,
+        activation=body.use_activation is not False,
+    )
+    return json_response(response, scored.fingerprint)
 
 
-@api.post("/get_reward", response_model=GetRewardResponse)
+@api.post("/get_reward", response_model=GetRewardResponse, responses=error_responses(Dialect.WARM))
 async def get_reward(body: GetRewardRequest, request: Request) -> Response:
     """OpenRLHF's remote reward model protocol: `query` holds full prompt+response texts."""
     state = state_of(request)
@@ -143,7 +137,7 @@ async def get_reward(body: GetRewardRequest, request: Request) -> Response:
     )
 
 
-@api.get("/v1/models")
+@api.get("/v1/models", responses=error_responses(Dialect.WARM))
 async def models(request: Request) -> ModelList:
     """The served model: identity, provenance, device and the server's limits."""
     state = state_of(request)
@@ -180,7 +174,7 @@ async def health() -> Status:
     return Status(status="ok")
 
 
-@probes.get("/ready")
+@probes.get("/ready", responses={503: {"model": WarmError, "description": "not_ready"}})
 async def ready(request: Request) -> Status:
     """Ready: model loaded, warm-up done, not draining; else 503."""
     state = state_of(request)
@@ -190,7 +184,18 @@ async def ready(request: Request) -> Status:
     return Status(status="ready")
 
 
-@probes.get("/metrics", dependencies=[Depends(authorize_metrics)])
+@probes.get(
+    "/metrics",
+    dependencies=[Depends(authorize_metrics)],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition",
+        },
+        401: {"model": WarmError, "description": "unauthorized (with protect_metrics)"},
+    },
+)
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of the `warm_` metrics."""
     data = generate_latest(state_of(request).metrics.registry)

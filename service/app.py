@@ -10,11 +10,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.api import api, probes
-from service.errors import TYPE_OF_STATUS, ErrorType, ServiceError, envelope, invalid_request
+from service.compat_api import DIALECTS, compat
+from service.errors import (
+    TYPE_OF_STATUS,
+    Dialect,
+    ErrorType,
+    ServiceError,
+    invalid_request,
+    rendered,
+)
 from service.loader import LoadedModel
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
@@ -38,7 +47,8 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
             await loading
             await state.close()
 
-    app = FastAPI(
+    # /docs and /redoc load their assets from the service itself, never from a CDN.
+    app = FastAPIOffline(
         title="warm-rm",
         version=__version__,
         summary="Reward-model scoring and best-of-N reranking for RLHF.",
@@ -46,22 +56,25 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     )
     app.state.warm = state
     app.include_router(api)
+    app.include_router(compat)
     app.include_router(probes)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics, dialects=DIALECTS
+    )
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=endpoints)
     return app
 
 
 def _respond(request: Request, error: ServiceError) -> JSONResponse:
+    """The error in the envelope of the API the route speaks."""
     request.app.state.warm.metrics.errors.labels(error.type.value).inc()
-    return JSONResponse(
-        envelope(error.type, error.message), status_code=error.status, headers=error.headers()
-    )
+    status, body = rendered(DIALECTS.get(request.url.path, Dialect.WARM), error)
+    return JSONResponse(body, status_code=status, headers=error.headers())
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,6 +1,10 @@
-"""The service's closed set of errors and the one table mapping them to HTTP statuses.
+"""The service's closed set of errors and the tables mapping them to HTTP statuses and bodies.
 
-Every error leaves the service as `{"error": {"type": ..., "message": ...}}`.
+An error leaves the service in the envelope of the API its route speaks (`Dialect`):
+- warm-rm's own routes: `{"error": {"type": ..., "message": ...}}`;
+- vLLM's pooling routes (`/classify`, `/pooling`, `/v1/embeddings`), as vLLM sends it:
+  `{"error": {"message", "type", "param", "code"}}`, every bad request a 400;
+- TEI's `/predict`, as text-embeddings-inference sends it: `{"error", "error_type"}`.
 """
 
 from __future__ import annotations
@@ -55,11 +59,23 @@ TYPE_OF_STATUS: dict[int, ErrorType] = {
 class ServiceError(Exception):
     """An error with a type, a message for the client and, for 429/503, a retry hint."""
 
-    def __init__(self, type: ErrorType, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        type: ErrorType,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        param: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """`param`: the request field at fault (vLLM's envelope names it); `detail`: a finer
+        kind some envelopes tell apart (`EMPTY_INPUT`)."""
         super().__init__(message)
         self.type = type
         self.message = message
         self.retry_after = retry_after
+        self.param = param
+        self.detail = detail
 
     @property
     def status(self) -> int:
@@ -77,8 +93,61 @@ class ServiceError(Exception):
 
 
 def envelope(type: ErrorType, message: str) -> dict[str, Any]:
-    """The JSON body of every error response."""
+    """The JSON body of an error on warm-rm's own routes."""
     return {"error": {"type": type.value, "message": message}}
+
+
+class Dialect(str, Enum):
+    """Whose error envelope and statuses a route answers with."""
+
+    WARM = "warm"
+    VLLM = "vllm"
+    TEI = "tei"
+
+
+# vLLM answers every client mistake with a 400 (its validation errors included).
+VLLM_ERRORS: dict[ErrorType, tuple[int, str]] = {
+    ErrorType.INVALID_REQUEST: (400, "BadRequestError"),
+    ErrorType.UNAUTHORIZED: (401, "Unauthorized"),
+    ErrorType.NOT_FOUND: (404, "NotFoundError"),
+    ErrorType.METHOD_NOT_ALLOWED: (405, "MethodNotAllowed"),
+    ErrorType.PAYLOAD_TOO_LARGE: (413, "PayloadTooLarge"),
+    ErrorType.OVERLOADED: (429, "TooManyRequests"),
+    ErrorType.NOT_READY: (503, "ServiceUnavailableError"),
+    ErrorType.DEADLINE_EXCEEDED: (504, "GatewayTimeout"),
+    ErrorType.CLIENT_CLOSED: (499, "ClientClosed"),
+    ErrorType.BACKEND_ERROR: (500, "InternalServerError"),
+    ErrorType.INTERNAL: (500, "InternalServerError"),
+}
+# TEI's error types and statuses (v1.9: Validation 422, Backend 424, Overloaded 429, ...).
+TEI_ERRORS: dict[ErrorType, tuple[int, str]] = {
+    ErrorType.INVALID_REQUEST: (422, "Validation"),
+    ErrorType.UNAUTHORIZED: (401, "Unauthorized"),
+    ErrorType.NOT_FOUND: (404, "NotFound"),
+    ErrorType.METHOD_NOT_ALLOWED: (405, "MethodNotAllowed"),
+    ErrorType.PAYLOAD_TOO_LARGE: (413, "Validation"),
+    ErrorType.OVERLOADED: (429, "Overloaded"),
+    ErrorType.NOT_READY: (503, "Unhealthy"),
+    ErrorType.DEADLINE_EXCEEDED: (504, "Backend"),
+    ErrorType.CLIENT_CLOSED: (499, "Backend"),
+    ErrorType.BACKEND_ERROR: (424, "Backend"),
+    ErrorType.INTERNAL: (500, "Backend"),
+}
+EMPTY_INPUT = "empty"  # ServiceError.detail of an empty batch: TEI's 400 "Empty"
+
+
+def rendered(dialect: Dialect, error: ServiceError) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of `error` on a route of `dialect`."""
+    if dialect is Dialect.VLLM:
+        status, kind = VLLM_ERRORS[error.type]
+        body = {"message": error.message, "type": kind, "param": error.param, "code": status}
+        return status, {"error": body}
+    if dialect is Dialect.TEI:
+        status, kind = TEI_ERRORS[error.type]
+        if error.detail == EMPTY_INPUT:
+            status, kind = 400, "Empty"
+        return status, {"error": error.message, "error_type": kind}
+    return error.status, envelope(error.type, error.message)
 
 
 def invalid_request(errors: Sequence[Mapping[str, Any]]) -> ServiceError:

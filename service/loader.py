@@ -59,6 +59,15 @@ class LoadedModel:
     overhead_tokens: float
     batch_tokens: int
     cores: CoreShare | None = None  # forwards run side by side on a CPU, sharing its threads
+    labels: tuple[str, ...] = ("LABEL_0",)  # the config's id2label, one name per output
+    regression: bool = False  # the config's problem_type: no activation ever applies
+
+    def names(self, served: list[str], model_arg: Path | None) -> tuple[str, ...]:
+        """The names a request's `model` field may carry: --served-model-name, else the model
+        id and the model path as given (vLLM accepts its --model path)."""
+        if served:
+            return tuple(served)
+        return (self.model_id, *([str(model_arg)] if model_arg is not None else []))
 
 
 def resolve_model(model: Path | None) -> Path:
@@ -132,8 +141,11 @@ def load_model(settings: Settings) -> LoadedModel:
     if limit is not None and max_length > limit:
         raise LoadError(f"max_length {max_length} exceeds the model's limit of {limit} tokens")
     max_length = min(max_length, settings.max_batch_tokens)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
     try:
-        encoder = Encoder(tokenizer, max_length=max_length, separator=settings.separator)
+        encoder = Encoder(
+            tokenizer, max_length=max_length, separator=settings.separator, vocab_size=vocab
+        )
     except ValueError as error:
         raise LoadError(f"{model_dir}: {error}") from error
     # Only fills padded positions: rewards are read where the attention mask says.
@@ -162,8 +174,13 @@ def load_model(settings: Settings) -> LoadedModel:
         )
         overhead = measured.overhead_tokens if overhead is None else overhead
         budget = measured.batch_tokens if settings.tune_batch_tokens else budget
+    id2label = getattr(config, "id2label", None) or {}
+    labels = tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
     return LoadedModel(
+        labels=labels,
+        regression=getattr(config, "problem_type", None) == "regression",
         model_id=settings.model_id
+        or next(iter(settings.served_model_name), None)
         or (model_dir.resolve().name if settings.model else DEFAULT_MODEL_ID),
         fingerprint=fingerprint,
         manifest=manifest,

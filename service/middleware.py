@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorType, ServiceError, envelope
+from service.errors import Dialect, ErrorType, ServiceError, rendered
 from service.metrics import Metrics
 
 
@@ -24,10 +25,18 @@ class BodyLimit:
     the client's connection, so routes still see a disconnect.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        metrics: Metrics,
+        dialects: Mapping[str, Dialect] | None = None,
+    ) -> None:
+        """`dialects`: the error envelope of each path that does not speak warm-rm's own."""
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.dialects = dialects or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,7 +44,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -46,7 +55,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -62,12 +71,12 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send) -> None:
         self.metrics.errors.labels(ErrorType.PAYLOAD_TOO_LARGE.value).inc()
         error = ServiceError(
             ErrorType.PAYLOAD_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes"
         )
-        await _send_error(send, error)
+        await _send_error(send, error, self.dialects.get(scope["path"], Dialect.WARM))
 
 
 class RequestMetrics:
@@ -100,14 +109,15 @@ class RequestMetrics:
             self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
-async def _send_error(send: Send, error: ServiceError) -> None:
-    body = json.dumps(envelope(error.type, error.message)).encode()
+async def _send_error(send: Send, error: ServiceError, dialect: Dialect = Dialect.WARM) -> None:
+    status, payload = rendered(dialect, error)
+    body = json.dumps(payload).encode()
     headers: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
     ]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    start: dict[str, Any] = {"type": "http.response.start", "status": error.status}
+    start: dict[str, Any] = {"type": "http.response.start", "status": status}
     await send({**start, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -5,14 +5,27 @@ Clients (rl_client, tests) parse responses back into these same models.
 
 from __future__ import annotations
 
+import math
+import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from service.ranking import rank
 
 # Scored responses carry the served model's fingerprint in this header (clients pin to it).
 FINGERPRINT_HEADER = "x-warm-fingerprint"
 
 Side = Literal["left", "right"]
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x), without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 class _Strict(BaseModel):
@@ -75,6 +88,16 @@ class Usage(BaseModel):
     tokens: int = Field(description="Tokens scored, after truncation.")
     truncated_items: int
 
+    @computed_field(description="`tokens`, under vLLM's and Jina's name.")  # type: ignore[prop-decorator]
+    @property
+    def prompt_tokens(self) -> int:
+        return self.tokens
+
+    @computed_field(description="`tokens`, under vLLM's and Jina's name.")  # type: ignore[prop-decorator]
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens
+
 
 class ScoreResult(BaseModel):
     """The reward of one item; `index` is its position in the request."""
@@ -96,29 +119,74 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
 
+class Document(BaseModel):
+    """A rerank document as Cohere v1 and Jina take it: its `text` (other keys are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str
+
+
 class RerankRequest(_Strict):
-    """POST /v1/rerank: N candidate responses to one prompt."""
+    """POST /v1/rerank: N candidate responses to one prompt.
+
+    Two shapes: warm-rm's (`prompt` or `messages`, `candidates`, `top_k`) and the
+    Cohere/Jina/vLLM one (`query`, `documents`, `top_n`, `return_documents`); a document is
+    scored as the response to the query.
+    """
 
     prompt: str | None = None
     messages: list[Message] | None = Field(None, min_length=1)
-    candidates: list[str] = Field(min_length=1)
+    candidates: list[str] | None = Field(None, min_length=1)
     top_k: int | None = Field(None, ge=1, description="Return only the k best (default: all).")
     truncation_side: Side | None = None
+    query: str | None = Field(None, description="Cohere/Jina/vLLM: the prompt.")
+    documents: list[str | Document] | None = Field(
+        None, min_length=1, description="Cohere/Jina/vLLM: the candidate responses."
+    )
+    top_n: int | None = Field(
+        None, ge=0, description="Cohere/Jina/vLLM: return only the n best (0 or unset: all)."
+    )
+    return_documents: bool = Field(False, description="Echo each document in its result.")
+    model: str | None = Field(None, description="Accepted for rerank clients; not checked.")
+    max_tokens_per_doc: int | None = Field(
+        None, ge=2, description="Cohere: cut each scored item to this many tokens."
+    )
+    use_activation: bool | None = Field(
+        None, description="false: `relevance_score` is the raw reward (default: its sigmoid)."
+    )
 
     @model_validator(mode="after")
     def _one_prompt(self) -> RerankRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+        given = [x is not None for x in (self.prompt, self.messages, self.query)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages or query")
+        if (self.candidates is None) == (self.documents is None):
+            raise ValueError("give exactly one of candidates or documents")
+        if self.top_k is not None and self.top_n is not None:
+            raise ValueError("give at most one of top_k or top_n")
         return self
+
+    def responses(self) -> list[str]:
+        """The candidate responses, in request order."""
+        if self.candidates is not None:
+            return self.candidates
+        assert self.documents is not None
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def limit(self) -> int | None:
+        """How many results to return (None: all)."""
+        return self.top_k if self.top_k is not None else (self.top_n or None)
 
     def items(self) -> list[Item]:
         """Each candidate as a scoreable item: the prompt (or chat) plus its response."""
-        if self.prompt is not None:
-            return [Item(prompt=self.prompt, response=c) for c in self.candidates]
+        prompt = self.prompt if self.prompt is not None else self.query
+        if prompt is not None:
+            return [Item(prompt=prompt, response=c) for c in self.responses()]
         assert self.messages is not None
         return [
             Item(messages=[*self.messages, Message(role="assistant", content=c)])
-            for c in self.candidates
+            for c in self.responses()
         ]
 
 
@@ -128,21 +196,69 @@ class RerankResult(BaseModel):
     index: int
     rank: int
     reward: float
+    relevance_score: float = Field(
+        description="Cohere/Jina/vLLM's score: sigmoid(reward), or the reward when the "
+        "request sets use_activation false."
+    )
     advantage: float = Field(description="(reward - group mean) / group std; 0 if std is 0.")
     rewards: list[float] | None = None
     n_tokens: int
     truncated: bool
+    document: Document | None = Field(None, description="With return_documents: the document.")
 
 
 class RerankResponse(BaseModel):
     """Response of POST /v1/rerank: candidates best first."""
 
+    id: str = Field(default_factory=lambda: f"rerank-{uuid.uuid4().hex[:16]}")
     model: str
     results: list[RerankResult]
     best_index: int
     mean: float
     std: float = Field(description="Sample standard deviation (n - 1) of the group's rewards.")
     usage: Usage
+
+    @classmethod
+    def ranking(
+        cls,
+        scored: Sequence[ScoreResult],
+        model: str,
+        *,
+        limit: int | None = None,
+        documents: Sequence[Document] | None = None,
+        activation: bool = True,
+    ) -> RerankResponse:
+        """The group `scored` (in candidate order) ranked best first, cut to `limit` results;
+        `documents`: echoed in each result; `activation`: relevance_score is sigmoid(reward)."""
+        ranking = rank([r.reward for r in scored])
+        top = ranking.order[:limit] if limit is not None else ranking.order
+        results = [
+            RerankResult(
+                index=i,
+                rank=position,
+                reward=scored[i].reward,
+                relevance_score=sigmoid(scored[i].reward) if activation else scored[i].reward,
+                advantage=ranking.advantages[i],
+                rewards=scored[i].rewards,
+                n_tokens=scored[i].n_tokens,
+                truncated=scored[i].truncated,
+                document=documents[i] if documents is not None else None,
+            )
+            for position, i in enumerate(top)
+        ]
+        usage = Usage(
+            items=len(scored),
+            tokens=sum(r.n_tokens for r in scored),
+            truncated_items=sum(r.truncated for r in scored),
+        )
+        return cls(
+            model=model,
+            results=results,
+            best_index=ranking.order[0],
+            mean=ranking.mean,
+            std=ranking.std,
+            usage=usage,
+        )
 
 
 class Limits(BaseModel):

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     model_id: str | None = Field(
         None, description="Name the API reports for the model (default: the directory name)."
     )
+    served_model_name: list[str] = Field(
+        default_factory=list,
+        description="Names the `model` field of vLLM-style requests (/classify, /pooling, "
+        "/v1/embeddings) may carry, as vLLM's --served-model-name: repeat the flag, or a JSON "
+        "list in WARM_SERVED_MODEL_NAME; the first is the name responses report. Default: the "
+        "model id and the --model path as given (verl sends its configured model path).",
+    )
     backend: BackendName = Field(
         "transformers",
         description="Model backend: 'transformers' (in-process PyTorch) or 'vllm' (vLLM's "
@@ -111,18 +118,20 @@ class Settings(BaseSettings):
     vllm_tensor_parallel_size: int = Field(
         1, ge=1, description="vllm backend: GPUs the model is split over (tensor parallelism)."
     )
-    vllm_gpu_memory_utilization: float = Field(
-        0.92,
+    vllm_gpu_memory_utilization: float | None = Field(
+        None,
         gt=0,
         le=1,
         description="vllm backend: fraction of GPU memory vLLM may use (weights, activations, "
-        "KV cache); on CPU, the fraction of RAM it reserves unless vllm_kv_cache_gib is set.",
+        "KV cache); default 0.92 on a GPU. On a CPU it is the fraction of RAM vLLM reserves, "
+        "and by default the KV cache is sized for the model instead (below).",
     )
     vllm_kv_cache_gib: float | None = Field(
         None,
         gt=0,
-        description="vllm backend: KV-cache size in GiB per device, instead of sizing it from "
-        "vllm_gpu_memory_utilization (default: sized from it).",
+        description="vllm backend: KV-cache size in GiB per device. Default: sized from "
+        "vllm_gpu_memory_utilization on a GPU; on a CPU, room for 32768 tokens of this model "
+        "(at least one item of max_length), at most a quarter of the available RAM.",
     )
     vllm_enable_prefix_caching: bool | None = Field(
         None,

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -182,20 +183,57 @@ class ServiceState:
                     f"max_chars_per_item ({s.max_chars_per_item})",
                 )
 
-    async def score(self, request: Request, items: list[Item], side: str | None) -> Scored:
-        """Render, tokenise, queue and await one request's items; drop them if the client goes."""
+    async def score(
+        self,
+        request: Request,
+        items: list[Item],
+        side: str | None,
+        *,
+        max_length: int | None = None,
+        special_tokens: bool = True,
+    ) -> Scored:
+        """Render, tokenise, queue and await one request's items; drop them if the client goes.
+
+        `max_length`: a per-request cut below the model's; `special_tokens`: False scores the
+        texts' own tokens only (no BOS added)."""
         arrival = time.monotonic()
         model = self.serving()
         self.check_items(items)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        encode = partial(model.encoder.encode, max_length=max_length, special_tokens=special_tokens)
         encoded = await loop.run_in_executor(
-            self.tokenizer_pool,
-            model.encoder.encode,
-            items,
-            side or self.settings.truncation_side,
+            self.tokenizer_pool, encode, items, side or self.settings.truncation_side
         )
         self.metrics.tokenize_latency.observe(time.perf_counter() - started)
+        return await self._run(request, model, encoded, arrival)
+
+    async def score_ids(
+        self,
+        request: Request,
+        sequences: list[list[int]],
+        side: str | None,
+        *,
+        max_length: int | None = None,
+    ) -> Scored:
+        """Score token ids the client tokenised itself (checked against the vocabulary)."""
+        arrival = time.monotonic()
+        model = self.serving()
+        if len(sequences) > self.settings.max_items_per_request:
+            raise ServiceError(
+                ErrorType.INVALID_REQUEST,
+                f"{len(sequences)} inputs, more than max_items_per_request "
+                f"({self.settings.max_items_per_request})",
+            )
+        encoded = model.encoder.encode_ids(
+            sequences, side or self.settings.truncation_side, max_length=max_length
+        )
+        return await self._run(request, model, encoded, arrival)
+
+    async def _run(
+        self, request: Request, model: LoadedModel, encoded: list[Encoded], arrival: float
+    ) -> Scored:
+        """Queue encoded items and await their outputs, bounded by the request's deadline."""
         assert self.scheduler is not None
         deadline = arrival + self.settings.request_timeout_s
         job = self.scheduler.submit([e.ids for e in encoded], deadline)

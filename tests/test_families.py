@@ -50,7 +50,8 @@ TOOL_CHAT = [
 # Gemma's template refuses system turns (and so takes no tools): its chats start with a user.
 NO_SYSTEM = {"gemma2"}
 TAKES_TOOLS = {"llama3", "mistral", "qwen2", "qwen3"}
-VLLM = {"backend": "vllm", "vllm_enforce_eager": True, "vllm_kv_cache_gib": 0.25}
+# vLLM with its defaults (the CPU KV cache sized for the model), eager for a quick start.
+VLLM = {"backend": "vllm", "vllm_enforce_eager": True}
 
 
 def chat_for(family: str) -> list[dict[str, Any]]:

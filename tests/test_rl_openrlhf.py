@@ -130,7 +130,15 @@ def test_special_tokens_in_the_query_are_scored_as_special_tokens(
     response = httpx.post(f"{live.url}/get_reward", json=body, timeout=180)
     assert response.status_code == 200, response.text
     reward, _, extra_logs = openrlhf_parse(response)
-    assert reward == pytest.approx([direct_reward(tokenizer, model, query)], abs=1e-5)
+    # The reward is read at the query's last token, the literal <pad> included, as
+    # OpenRLHF's own serve_rm reads it (the last attended position): a plain forward of the
+    # unpadded query with no pad id to skip.
+    model.config.pad_token_id = None
+    try:
+        want = direct_reward(tokenizer, model, query)
+    finally:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    assert reward == pytest.approx([want], abs=1e-5)
     assert extra_logs["n_tokens"] == [float(len(ids))]
 
 

