@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint typecheck unit clean bench-serve bench-prefix bench-rl bench-warm
+.PHONY: demo test lint typecheck unit clean bench-serve bench-prefix bench-rl bench-warm bench-compat
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-serve: $(VLLM_STAMP) $(VLLM_ENV)/.installed
 # Best-of-N on a decoder RM: vLLM prefix caching on vs off.
 bench-prefix: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/prefix_bench.py --append
+
+# The drop-in endpoints (/classify, /get_reward) against /v1/score, one sample per request.
+bench-compat: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/compat_bench.py --append
 
 bench-rl: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/rl_step_bench.py --append

@@ -195,11 +195,13 @@ def workloads(tok: Tokenizer) -> dict[str, Workload]:
 
 @dataclass(frozen=True)
 class Bodies:
-    """Pre-encoded request bodies of k consecutive texts, with their items and tokens."""
+    """Pre-encoded request bodies of k consecutive texts, with their items and tokens, and
+    the endpoint they are posted to."""
 
     payloads: list[bytes]
     items: list[int]
     tokens: list[int]
+    path: str = "/v1/score"
 
 
 def make_bodies(wl: Workload, per_request: int) -> Bodies:
@@ -597,7 +599,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 async def send(client: httpx.AsyncClient, bodies: Bodies, k: int, start: float) -> Sample:
     """POST one pre-encoded body; latency from `start` (the scheduled send time)."""
     try:
-        response = await client.post("/v1/score", content=bodies.payloads[k], headers=HEADERS)
+        response = await client.post(bodies.path, content=bodies.payloads[k], headers=HEADERS)
         ok = response.status_code == 200
     except httpx.HTTPError:
         ok = False

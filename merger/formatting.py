@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 DEFAULT_SEPARATOR = "\n\n"
 # Message keys passed through to chat templates beside role and content (OpenAI's chat
@@ -59,6 +59,8 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
         role, content = message["role"], message["content"]
         if not isinstance(role, str) or not role:
             raise ValueError(f"messages[{i}]: role must be a non-empty string")
+        if content is None and message.get("tool_calls"):
+            continue  # an assistant turn that only calls tools
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]: content is {type(content).__name__}, not a string")
 
@@ -97,7 +99,7 @@ def render(
     check_messages(messages)
     if tokenizer.chat_template:
         return _from_template(tokenizer, messages)
-    return separator.join(m["content"] for m in messages)
+    return separator.join(m["content"] for m in messages if m["content"] is not None)
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,9 @@ class TokenLayout:
             f"to {full} with them and {bare} without"
         )
 
-    def ids(
-        self, content: Sequence[int], side: Literal["left", "right"] | str = "left"
-    ) -> tuple[list[int], bool]:
-        """The item's token ids and whether content was cut to fit `max_length`."""
+    def ids(self, content: Sequence[int], side: str = "left") -> tuple[list[int], bool]:
+        """The item's token ids and whether content was cut to fit `max_length` (from the
+        start for side "left", else from the end)."""
         prefix, suffix = list(self.prefix), list(self.suffix)
         body = list(content)
         if prefix and body[: len(prefix)] == prefix:
@@ -150,7 +151,7 @@ class TokenLayout:
         return prefix + body + suffix, truncated
 
     def encode(
-        self, tokenizer: Tokenizer, texts: Sequence[str], side: Literal["left", "right"] | str
+        self, tokenizer: Tokenizer, texts: Sequence[str], side: str
     ) -> list[tuple[list[int], bool]]:
         """Token ids (and truncation flags) of rendered texts, in order."""
         if not texts:

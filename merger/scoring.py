@@ -15,12 +15,17 @@ diagnostics and the service's transformers backend.
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from merger.formatting import TokenLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -42,7 +47,15 @@ def pools_last_token(model: nn.Module) -> bool:
     """Whether `model` is a decoder classifier: a base model and a `score` head applied per
     position, pooled at the last token (transformers' GPT-2 and generic decoder layout)."""
     base = getattr(model, "base_model", model)
-    return isinstance(getattr(model, "score", None), nn.Linear) and base is not model
+    return isinstance(getattr(model, "score", None), nn.Module) and base is not model
+
+
+def takes_position_ids(module: nn.Module) -> bool:
+    """Whether the module's forward accepts `position_ids` (ALiBi models such as Bloom do not)."""
+    parameters = inspect.signature(module.forward).parameters
+    return "position_ids" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 class RewardForward(nn.Module):
@@ -57,6 +70,8 @@ class RewardForward(nn.Module):
         super().__init__()
         self.model = model
         self.last_token = pools_last_token(model)
+        base: Any = getattr(model, "base_model", model)
+        self.positions = self.last_token and takes_position_ids(base)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Head outputs (batch, num_labels) in the model's dtype."""
@@ -66,11 +81,10 @@ class RewardForward(nn.Module):
             ).logits
             return logits
         base: Any = self.model.base_model
+        # Positions from the mask: a left-padded row is positioned as the row alone.
+        positions = {"position_ids": position_ids_of(attention_mask)} if self.positions else {}
         hidden = base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_of(attention_mask),
-            use_cache=False,
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **positions
         ).last_hidden_state  # (batch, length, hidden)
         rows = torch.arange(input_ids.shape[0], device=hidden.device)
         last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (batch, hidden)
@@ -120,7 +134,7 @@ def score_batches(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> t
         return torch.cat([forward(**batch)[:, 0].float() for batch in batches])
 
 
-def load_reward_model(path: Any) -> Any:
+def load_reward_model(path: str | Path) -> PreTrainedModel:
     """A `*ForSequenceClassification` model from `path`, fp32, eval mode, with the attention
     kernel its config needs (`attention_implementation`)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -129,4 +143,5 @@ def load_reward_model(path: Any) -> Any:
     model = AutoModelForSequenceClassification.from_pretrained(
         path, attn_implementation=attention_implementation(config)
     )
-    return model.float().eval()
+    loaded: PreTrainedModel = model.float().eval()
+    return loaded

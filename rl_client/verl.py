@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,10 @@ from service.protocol import Item, Message
 PROMPT_KEYS = ("prompt", "raw_prompt")
 _lock = threading.Lock()
 _sync_clients: dict[ClientConfig, RewardClient] = {}
-_async_clients: dict[tuple[ClientConfig, int], AsyncRewardClient] = {}
+# Per event loop (an async client's connections belong to the loop that opened them).
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[ClientConfig, AsyncRewardClient]
+] = weakref.WeakKeyDictionary()
 
 
 def client_config(options: Mapping[str, Any]) -> ClientConfig:
@@ -99,9 +103,9 @@ async def compute_score(
         if k not in {"reward_router_address", "reward_model_tokenizer"}
     }
     config = client_config(options)
-    key = (config, id(asyncio.get_running_loop()))
-    client = _async_clients.get(key)
+    clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    client = clients.get(config)
     if client is None:
-        client = _async_clients[key] = AsyncRewardClient(config=config)
+        client = clients[config] = AsyncRewardClient(config=config)
     batch = await client.score([sample_item(solution_str, extra_info, 0)])
     return batch.rewards[0]

@@ -101,19 +101,18 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     Takes warm-rm's shape (prompt/messages, candidates) or Cohere/Jina/vLLM's (query,
     documents, top_n, return_documents)."""
     state = state_of(request)
-    scored = await state.score(
-        request, body.items(), body.truncation_side, max_length=body.max_tokens_per_doc
-    )
+    scored = await state.score(request, body.items(), body.truncation_side)
     documents = None
-    if body.return_documents:
-        documents = [Document(text=d) if isinstance(d, str) else d for d in body.documents or []]
-        documents = documents or [Document(text=c) for c in body.responses()]
+    if body.echoes_documents():
+        given = body.documents or body.responses()
+        documents = [Document(text=d) if isinstance(d, str) else d for d in given]
     response = RerankResponse.ranking(
         results_of(scored),
         scored.model_id,
         limit=body.limit(),
         documents=documents,
-        activation=body.use_activation is not False,
+        activation=body.use_activation is not False
+        and state.serving().problem_type != "regression",
     )
     return json_response(response, scored.fingerprint)
 

@@ -30,9 +30,10 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-def request_id(prefix: str) -> str:
-    """vLLM's response id: the endpoint's prefix and 16 hex digits."""
-    return f"{prefix}-{uuid.uuid4().int & ((1 << 64) - 1):016x}"
+def request_id(prefix: str, given: str | None = None) -> str:
+    """vLLM's response id: the endpoint's prefix and the request's id (X-Request-Id, else the
+    body's request_id), else 16 random hex digits."""
+    return f"{prefix}-{given or f'{uuid.uuid4().int & ((1 << 64) - 1):016x}'}"
 
 
 class PoolingRequest(_Lenient):
@@ -60,17 +61,31 @@ class PoolingRequest(_Lenient):
         "starts with them keeps one copy. Default: true for `input`, false for `messages`.",
     )
     truncate_prompt_tokens: int | None = Field(
-        None, ge=-1, description="Keep at most this many tokens (-1: the model's limit)."
+        None, description="Keep at most this many tokens, >= 1 (-1: the model's limit)."
     )
     truncation_side: Literal["left", "right"] | None = None
+    request_id: str | None = Field(None, description="The response id's suffix (vLLM's).")
     task: str | None = Field(None, description="/pooling only: 'classify' (or null).")
+    encoding_format: Literal["float"] = Field("float", description="/pooling: floats only.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "normalize" in data:
+            raise ValueError("Parameter `normalize` was removed; use `use_activation` instead.")
+        return data
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("truncate_prompt_tokens must be -1 or at least 1")
+        return value
 
     @model_validator(mode="after")
     def _one_form(self) -> PoolingRequest:
         if (self.input is None) == (self.messages is None):
             raise ValueError("give exactly one of input or messages")
-        if isinstance(self.input, list) and not self.input:
-            raise ValueError("You must pass at least one prompt")
         return self
 
     def wants_activation(self) -> bool:
@@ -88,6 +103,7 @@ class UsageInfo(BaseModel):
     total_tokens: int
     completion_tokens: int = 0
     prompt_tokens_details: None = None
+    completion_tokens_details: None = None
 
 
 class ClassificationData(BaseModel):
@@ -148,14 +164,16 @@ class EmbeddingResponse(BaseModel):
     usage: UsageInfo
 
 
-def activated(outputs: Sequence[float], regression: bool) -> list[float]:
-    """vLLM's and TEI's classification activation of one item's head outputs: identity for a
-    regression head, a sigmoid for one label, a softmax (max-subtracted) over several."""
+def activated(outputs: Sequence[float], problem_type: str | None) -> list[float]:
+    """vLLM's and TEI's classification activation of one item's head outputs, by the config's
+    problem_type: identity for "regression", a sigmoid per label for
+    "multi_label_classification"; otherwise a sigmoid for one label and a softmax
+    (max-subtracted) over several."""
     values = [float(x) for x in outputs]
-    if regression:
+    if problem_type == "regression":
         return values
-    if len(values) == 1:
-        return [sigmoid(values[0])]
+    if len(values) == 1 or problem_type == "multi_label_classification":
+        return [sigmoid(v) for v in values]
     top = max(values)
     exps = [math.exp(v - top) for v in values]
     total = sum(exps)
@@ -163,8 +181,6 @@ def activated(outputs: Sequence[float], regression: bool) -> list[float]:
 
 
 # TEI /predict -------------------------------------------------------------------------------
-
-PredictPair = list[str]
 
 
 class PredictRequest(_Lenient):
@@ -215,8 +231,10 @@ class Prediction(BaseModel):
     label: str
 
 
-def predictions(outputs: Sequence[float], labels: Sequence[str], raw: bool) -> list[Prediction]:
+def predictions(
+    outputs: Sequence[float], labels: Sequence[str], raw: bool, problem_type: str | None
+) -> list[Prediction]:
     """TEI's per-input answer: one score per label, best first."""
-    scores = [float(x) for x in outputs] if raw else activated(outputs, regression=False)
+    scores = [float(x) for x in outputs] if raw else activated(outputs, problem_type)
     ranked = sorted(zip(scores, labels, strict=True), key=lambda pair: -pair[0])
     return [Prediction(score=score, label=label) for score, label in ranked]

@@ -8,6 +8,7 @@ error envelope (`errors.Dialect`).
 from __future__ import annotations
 
 import json
+import os
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import RootModel
@@ -26,6 +27,7 @@ from service.compat import (
     UsageInfo,
     activated,
     predictions,
+    request_id,
 )
 from service.errors import EMPTY_INPUT, Dialect, ErrorType, ServiceError
 from service.openapi import error_responses
@@ -47,11 +49,13 @@ async def pool(request: Request, body: PoolingRequest) -> tuple[Scored, str]:
     state = state_of(request)
     model = state.serving()
     names = model.names(state.settings.served_model_name, state.settings.model)
-    if body.model and body.model not in names:
+    if body.model and not accepts(names, body.model):
         raise ServiceError(ErrorType.NOT_FOUND, f"The model `{body.model}` does not exist.")
     limit = max_tokens(state, body.truncate_prompt_tokens)
     side = body.truncation_side
     given = body.input
+    if isinstance(given, list) and not given:
+        raise ServiceError(ErrorType.INVALID_REQUEST, "You must pass at least one prompt")
     if body.messages is not None:
         special = bool(body.add_special_tokens)  # vLLM's chat default: the template's tokens
         items = [Item(messages=body.messages)]
@@ -69,6 +73,17 @@ async def pool(request: Request, body: PoolingRequest) -> tuple[Scored, str]:
         )
         scored = await state.score_ids(request, sequences, side, max_length=limit)
     return scored, names[0]
+
+
+def accepts(names: tuple[str, ...], name: str) -> bool:
+    """Whether a request's `model` names the served model: one of `names`, or the same path
+    written another way (a trailing slash, a leading ./)."""
+    return name in names or os.path.normpath(name) in {os.path.normpath(n) for n in names}
+
+
+def response_id(request: Request, prefix: str, body: PoolingRequest) -> str:
+    """vLLM's id: the X-Request-Id header, else the body's request_id, else random."""
+    return request_id(prefix, request.headers.get("x-request-id") or body.request_id)
 
 
 def max_tokens(state: ServiceState, truncate: int | None) -> int | None:
@@ -94,11 +109,11 @@ def usage_of(scored: Scored) -> UsageInfo:
 
 def head_values(state: ServiceState, scored: Scored, activation: bool) -> list[list[float]]:
     """Each item's outputs, through the head's activation when asked (never for regression)."""
-    regression = state.serving().regression
+    problem_type = state.serving().problem_type
     rows = [[float(x) for x in row] for row in scored.outputs]
     if not activation:
         return rows
-    return [activated(row, regression) for row in rows]
+    return [activated(row, problem_type) for row in rows]
 
 
 @compat.post(
@@ -116,7 +131,9 @@ async def classify(body: PoolingRequest, request: Request) -> Response:
         data.append(
             ClassificationData(index=index, label=labels[best], probs=probs, num_classes=len(probs))
         )
-    response = ClassificationResponse(model=name, data=data, usage=usage_of(scored))
+    response = ClassificationResponse(
+        id=response_id(request, "classify", body), model=name, data=data, usage=usage_of(scored)
+    )
     return json_response(response, scored.fingerprint)
 
 
@@ -132,7 +149,9 @@ async def pooling(body: PoolingRequest, request: Request) -> Response:
     scored, name = await pool(request, body)
     values = head_values(state_of(request), scored, body.wants_activation())
     data = [PoolingData(index=i, data=v) for i, v in enumerate(values)]
-    response = PoolingResponse(model=name, data=data, usage=usage_of(scored))
+    response = PoolingResponse(
+        id=response_id(request, "pooling", body), model=name, data=data, usage=usage_of(scored)
+    )
     return json_response(response, scored.fingerprint)
 
 
@@ -145,7 +164,9 @@ async def embeddings(body: PoolingRequest, request: Request) -> Response:
     scored, name = await pool(request, body)
     values = head_values(state_of(request), scored, activation=False)
     data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(values)]
-    response = EmbeddingResponse(model=name, data=data, usage=usage_of(scored))
+    response = EmbeddingResponse(
+        id=response_id(request, "embd", body), model=name, data=data, usage=usage_of(scored)
+    )
     return json_response(response, scored.fingerprint)
 
 
@@ -165,16 +186,14 @@ async def predict(body: PredictRequest, request: Request) -> Response:
             detail=EMPTY_INPUT,
         )
     items = [Item(text=x[0]) if len(x) == 1 else Item(prompt=x[0], response=x[1]) for x in inputs]
-    scored = await state.score(request, items, body.truncation_direction.lower())
-    if body.truncate is False and any(e.truncated for e in scored.encoded):
-        limit = state.serving().encoder.max_length
-        raise ServiceError(
-            ErrorType.INVALID_REQUEST,
-            f"Input validation error: `inputs` must have less than {limit} tokens",
-        )
-    labels = state.serving().labels
+    side = body.truncation_direction.lower()
+    scored = await state.score(request, items, side, truncate=body.truncate is not False)
+    model = state.serving()
     answers = [
-        [p.model_dump() for p in predictions(row, labels, body.raw_scores)]
+        [
+            p.model_dump()
+            for p in predictions(row, model.labels, body.raw_scores, model.problem_type)
+        ]
         for row in scored.outputs
     ]
     content = json.dumps(answers if batched else answers[0], separators=(",", ":"))

@@ -57,7 +57,10 @@ class Encoder:
         """The text the reward model scores for one item."""
         messages = None
         if item.messages is not None:
-            messages = [m.model_dump(exclude_none=True) for m in item.messages]
+            # Only the keys a turn sets (a template tests `'tool_calls' in message`).
+            messages = [
+                {**m.model_dump(exclude_none=True), "content": m.content} for m in item.messages
+            ]
         return render(
             self.tokenizer,
             text=item.text,
@@ -115,6 +118,11 @@ class Encoder:
     ) -> list[Encoded]:
         """Token ids given by the client, checked against the vocabulary and cut to fit."""
         limit = self.max_length if max_length is None else max_length
+        if not 0 < limit <= self.max_length:
+            raise ServiceError(
+                ErrorType.INVALID_REQUEST,
+                f"max_length {limit}: a request may cut items to 1-{self.max_length} tokens",
+            )
         encoded = []
         for index, ids in enumerate(sequences):
             if not ids:
@@ -132,6 +140,11 @@ class Encoder:
 
     def _layout(self, max_length: int | None, special_tokens: bool) -> TokenLayout:
         layout = self.layout
+        if max_length is not None and not 0 < max_length <= self.max_length:
+            raise ServiceError(
+                ErrorType.INVALID_REQUEST,
+                f"max_length {max_length}: a request may cut items to 1-{self.max_length} tokens",
+            )
         if max_length is not None and max_length != layout.max_length:
             try:
                 layout = replace(layout, max_length=max_length)

@@ -134,12 +134,15 @@ TEI_ERRORS: dict[ErrorType, tuple[int, str]] = {
     ErrorType.INTERNAL: (500, "Backend"),
 }
 EMPTY_INPUT = "empty"  # ServiceError.detail of an empty batch: TEI's 400 "Empty"
+VALIDATION = "validation"  # ServiceError.detail of a body that failed validation
 
 
 def rendered(dialect: Dialect, error: ServiceError) -> tuple[int, dict[str, Any]]:
     """The status and JSON body of `error` on a route of `dialect`."""
     if dialect is Dialect.VLLM:
         status, kind = VLLM_ERRORS[error.type]
+        if error.detail == VALIDATION:
+            kind = "Bad Request"  # vLLM's type for a body that fails validation
         body = {"message": error.message, "type": kind, "param": error.param, "code": status}
         return status, {"error": body}
     if dialect is Dialect.TEI:
@@ -153,6 +156,10 @@ def rendered(dialect: Dialect, error: ServiceError) -> tuple[int, dict[str, Any]
 def invalid_request(errors: Sequence[Mapping[str, Any]]) -> ServiceError:
     """A request body's validation errors (pydantic's `errors()`) as one 422 naming each."""
     problems = []
+    first = errors[0]["loc"] if errors else ()
+    # The field's path, without pydantic's union-member tags ("list[int]", ...).
+    fields = [str(p) for p in first if isinstance(p, int) or str(p).isidentifier()]
+    param = ".".join(fields) or None
     for err in errors:
         where = "".join(
             f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"][1:]
@@ -161,4 +168,12 @@ def invalid_request(errors: Sequence[Mapping[str, Any]]) -> ServiceError:
         if err["type"] == "json_invalid":
             where, message = "body", f"invalid JSON ({err.get('ctx', {}).get('error', message)})"
         problems.append(f"{where or 'body'}: {message}")
-    return ServiceError(ErrorType.INVALID_REQUEST, "; ".join(problems))
+    return ServiceError(
+        ErrorType.INVALID_REQUEST, "; ".join(problems), param=param, detail=VALIDATION
+    )
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path within the app (without a proxy's root_path)."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path

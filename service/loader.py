@@ -60,7 +60,7 @@ class LoadedModel:
     batch_tokens: int
     cores: CoreShare | None = None  # forwards run side by side on a CPU, sharing its threads
     labels: tuple[str, ...] = ("LABEL_0",)  # the config's id2label, one name per output
-    regression: bool = False  # the config's problem_type: no activation ever applies
+    problem_type: str | None = None  # the config's: decides the activation APIs apply
 
     def names(self, served: list[str], model_arg: Path | None) -> tuple[str, ...]:
         """The names a request's `model` field may carry: --served-model-name, else the model
@@ -178,7 +178,7 @@ def load_model(settings: Settings) -> LoadedModel:
     labels = tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
     return LoadedModel(
         labels=labels,
-        regression=getattr(config, "problem_type", None) == "regression",
+        problem_type=getattr(config, "problem_type", None),
         model_id=settings.model_id
         or next(iter(settings.served_model_name), None)
         or (model_dir.resolve().name if settings.model else DEFAULT_MODEL_ID),

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Dialect, ErrorType, ServiceError, rendered
+from service.errors import Dialect, ErrorType, ServiceError, rendered, route_path
 from service.metrics import Metrics
 
 
@@ -76,7 +76,7 @@ class BodyLimit:
         error = ServiceError(
             ErrorType.PAYLOAD_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes"
         )
-        await _send_error(send, error, self.dialects.get(scope["path"], Dialect.WARM))
+        await _send_error(send, error, self.dialects.get(route_path(scope), Dialect.WARM))
 
 
 class RequestMetrics:

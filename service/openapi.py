@@ -57,6 +57,7 @@ SCORING_ERRORS = (
     ErrorType.NOT_READY,
     ErrorType.DEADLINE_EXCEEDED,
     ErrorType.BACKEND_ERROR,
+    ErrorType.INTERNAL,
 )
 ENVELOPES: dict[Dialect, type[BaseModel]] = {
     Dialect.WARM: WarmError,

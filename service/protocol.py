@@ -5,6 +5,7 @@ Clients (rl_client, tests) parse responses back into these same models.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Sequence
@@ -38,12 +39,29 @@ class Message(_Strict):
     request with a 422 naming the item."""
 
     role: str = Field(min_length=1)
-    content: str
+    content: str | None = Field(
+        description="The turn's text; null only for an assistant turn that carries tool_calls."
+    )
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = Field(
         None, description="An assistant turn's tool calls, as OpenAI's chat format has them."
     )
     tool_call_id: str | None = None
+    reasoning_content: str | None = Field(
+        None, description="A reasoning model's thinking, for templates that render it (Qwen3)."
+    )
+
+    @model_validator(mode="after")
+    def _content(self) -> Message:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content may be null only beside tool_calls")
+        return self
+
+    def n_chars(self) -> int:
+        """Characters of the turn's text fields and tool calls (the per-item size limit)."""
+        calls = len(json.dumps(self.tool_calls)) if self.tool_calls else 0
+        texts = (self.content, self.reasoning_content)
+        return calls + sum(len(t) for t in texts if t is not None)
 
 
 class Item(_Strict):
@@ -68,7 +86,7 @@ class Item(_Strict):
     def n_chars(self) -> int:
         """Characters in the item's text fields (the per-item size limit)."""
         if self.messages is not None:
-            return sum(len(m.content) for m in self.messages)
+            return sum(m.n_chars() for m in self.messages)
         return sum(len(s) for s in (self.text, self.prompt, self.response) if s is not None)
 
 
@@ -147,14 +165,23 @@ class RerankRequest(_Strict):
     top_n: int | None = Field(
         None, ge=0, description="Cohere/Jina/vLLM: return only the n best (0 or unset: all)."
     )
-    return_documents: bool = Field(False, description="Echo each document in its result.")
-    model: str | None = Field(None, description="Accepted for rerank clients; not checked.")
-    max_tokens_per_doc: int | None = Field(
-        None, ge=2, description="Cohere: cut each scored item to this many tokens."
+    return_documents: bool | None = Field(
+        None,
+        description="Echo each document in its result (default: yes for `documents`, as "
+        "Jina and vLLM do; no for `candidates`).",
     )
     use_activation: bool | None = Field(
         None, description="false: `relevance_score` is the raw reward (default: its sigmoid)."
     )
+    # Sent by Cohere, Jina and vLLM rerank clients; accepted and not used (items are cut to
+    # the model's limit like every other item).
+    model: str | None = None
+    max_tokens_per_doc: int | None = None
+    priority: int | None = None
+    rank_fields: list[str] | None = None
+    max_chunks_per_doc: int | None = None
+    request_id: str | None = None
+    user: str | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> RerankRequest:
@@ -173,6 +200,12 @@ class RerankRequest(_Strict):
             return self.candidates
         assert self.documents is not None
         return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def echoes_documents(self) -> bool:
+        """Whether results carry their documents."""
+        if self.return_documents is not None:
+            return self.return_documents
+        return self.documents is not None
 
     def limit(self) -> int | None:
         """How many results to return (None: all)."""
@@ -229,7 +262,8 @@ class RerankResponse(BaseModel):
         activation: bool = True,
     ) -> RerankResponse:
         """The group `scored` (in candidate order) ranked best first, cut to `limit` results;
-        `documents`: echoed in each result; `activation`: relevance_score is sigmoid(reward)."""
+        `documents`: echoed in each result; `activation`: relevance_score is sigmoid(reward),
+        else the reward itself (a regression head's scores are never squashed)."""
         ranking = rank([r.reward for r in scored])
         top = ranking.order[:limit] if limit is not None else ranking.order
         results = [

@@ -191,11 +191,13 @@ class ServiceState:
         *,
         max_length: int | None = None,
         special_tokens: bool = True,
+        truncate: bool = True,
     ) -> Scored:
         """Render, tokenise, queue and await one request's items; drop them if the client goes.
 
         `max_length`: a per-request cut below the model's; `special_tokens`: False scores the
-        texts' own tokens only (no BOS added)."""
+        texts' own tokens only (no BOS added); `truncate`: False refuses over-long items (422)
+        before they are queued."""
         arrival = time.monotonic()
         model = self.serving()
         self.check_items(items)
@@ -206,6 +208,12 @@ class ServiceState:
             self.tokenizer_pool, encode, items, side or self.settings.truncation_side
         )
         self.metrics.tokenize_latency.observe(time.perf_counter() - started)
+        if not truncate and (cut := [i for i, e in enumerate(encoded) if e.truncated]):
+            raise ServiceError(
+                ErrorType.INVALID_REQUEST,
+                f"Input validation error: `inputs` must have less than "
+                f"{model.encoder.max_length} tokens (items[{cut[0]}] has more)",
+            )
         return await self._run(request, model, encoded, arrival)
 
     async def score_ids(

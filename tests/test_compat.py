@@ -192,7 +192,7 @@ def test_pooling_and_sglang_embeddings(live: Live, llama_rm: Path) -> None:
     [
         ("/classify", {"model": "nope", "input": "x"}, 404, "The model `nope` does not exist."),
         ("/classify", {"input": []}, 400, "You must pass at least one prompt"),
-        ("/classify", {"input": 5}, 400, "input"),
+        ("/classify", {"input": 5}, 400, "input"),  # a validation error: "Bad Request"
         ("/classify", {"input": "x", "truncate_prompt_tokens": 10**6}, 400, "max_model_len"),
         ("/classify", {"input": [10**7]}, 400, "outside the vocabulary"),
         ("/pooling", {"input": "x", "task": "embed"}, 400, "'classify' task only"),
@@ -207,7 +207,81 @@ def test_vllm_errors_in_vllms_envelope(
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == status and message in error["message"]
-    assert error["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+    kinds = {404: "NotFoundError", 400: "BadRequestError"}
+    want = "Bad Request" if payload.get("input") == 5 else kinds[status]
+    assert error["type"] == want
+
+
+def test_classify_truncation_ids_and_vllm_details(live: Live, llama_rm: Path) -> None:
+    tokenizer = tokenizer_of("llama3")
+    text = verl_input(CHAT)
+    ids = tokenizer(text)["input_ids"]  # the BOS the tokenizer adds, then the text's tokens
+    cut = {"input": text, "truncate_prompt_tokens": 5, "use_activation": False}
+    got = post(live, "/classify", aiohttp_body(cut)).json()
+    # Cut from the left (the server's side), the BOS kept: BOS + the last 4 text tokens.
+    kept = {"input": ids[:1] + ids[-4:], "use_activation": False}
+    want = post(live, "/classify", aiohttp_body(kept)).json()
+    assert got["usage"]["prompt_tokens"] == 5
+    assert got["data"][0]["probs"] == want["data"][0]["probs"]
+    with live.client() as client:
+        named = client.post(
+            "/classify",
+            json={"model": f"{llama_rm}/", "input": "x", "request_id": "abc"},
+            headers={"X-Request-Id": "hdr1"},
+        )
+        by_body = client.post("/classify", json={"input": "x", "request_id": "abc"})
+    assert named.status_code == 200  # the same path, written with a trailing slash
+    assert named.json()["id"] == "classify-hdr1" and by_body.json()["id"] == "classify-abc"
+    assert set(by_body.json()["usage"]) == {
+        "prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details",
+        "completion_tokens_details",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "message", "kind", "param"),
+    [
+        ({"input": "x", "truncate_prompt_tokens": 0}, "-1 or at least 1", "Bad Request", None),
+        ({"input": "x", "normalize": True}, "`normalize` was removed", "Bad Request", None),
+        ({"input": 5}, "input", "Bad Request", "body.input"),
+        ({"input": "x", "encoding_format": "base64"}, "float", "Bad Request", None),
+    ],
+)
+def test_vllm_validation_errors(
+    live: Live, payload: dict[str, Any], message: str, kind: str, param: str | None
+) -> None:
+    response = post(live, "/pooling", aiohttp_body(payload))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == kind
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_tool_calls_without_content_and_reasoning_turns(live: Live, llama_rm: Path) -> None:
+    chat: list[dict[str, Any]] = [
+        {"role": "user", "content": "weather today"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "weather", "arguments": {"day": "today"}}}],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "c0"},
+        {"role": "assistant", "content": "sunny today", "reasoning_content": "the tool said so"},
+    ]
+    reward = v1_score(live, [{"messages": chat}])[0]
+    ids = tokenizer_of("llama3").apply_chat_template(chat, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    model = AutoModelForSequenceClassification.from_pretrained(llama_rm).eval()
+    with torch.inference_mode():
+        assert reward == pytest.approx(
+            float(model(input_ids=torch.tensor([ids])).logits[0, 0]), abs=1e-5
+        )
+    with live.client() as client:
+        bad = client.post(
+            "/v1/score", json={"items": [{"messages": [{"role": "user", "content": None}]}]}
+        )
+    assert bad.status_code == 422 and "null only beside tool_calls" in bad.text
 
 
 def test_openrlhf_get_reward_replay(live: Live) -> None:
@@ -250,6 +324,24 @@ def test_tei_predict(live: Live) -> None:
     ]
 
 
+def test_tei_truncation_direction(live: Live) -> None:
+    long = " ".join(["the sky is blue", "the cat sat on a mat"] * 120)
+    with live.client() as client:
+        want = {
+            side: client.post(
+                "/v1/score", json={"items": [{"text": long}], "truncation_side": side}
+            ).json()["results"][0]
+            for side in ("left", "right")
+        }
+    assert want["left"]["truncated"] and want["left"]["reward"] != want["right"]["reward"]
+    for direction, side in (("Left", "left"), ("right", "right")):
+        body = {"inputs": long, "raw_scores": True, "truncation_direction": direction}
+        got = post(live, "/predict", json.dumps(body).encode()).json()[0]["score"]
+        assert got == pytest.approx(want[side]["reward"], abs=1e-5), direction
+    default = post(live, "/predict", json.dumps({"inputs": long, "raw_scores": True}).encode())
+    assert default.json()[0]["score"] == pytest.approx(want["right"]["reward"], abs=1e-5)
+
+
 @pytest.mark.parametrize(
     ("payload", "status", "error_type"),
     [
@@ -272,31 +364,44 @@ def test_cohere_jina_rerank_shape(live: Live) -> None:
     docs = ["rayleigh scattering explains the sky", "the cat sat on a mat", "sunny today"]
     want = v1_score(live, [{"prompt": prompt, "response": d} for d in docs])
     order = sorted(range(3), key=lambda i: -want[i])
-    with live.client() as client:
-        cohere = client.post(
-            "/v1/rerank", json={"model": "rerank-v3.5", "query": prompt, "documents": docs}
-        )
-        jina = client.post(
-            "/v1/rerank",
-            json={
-                "query": prompt,
-                "documents": [{"text": d} for d in docs],
-                "top_n": 2,
-                "return_documents": True,
-            },
-        )
-        ours = client.post("/v1/rerank", json={"prompt": prompt, "candidates": docs})
+    # Cohere's SDK sends its own fields (accepted, not used) and no return_documents.
+    cohere_body = {
+        "model": "rerank-v3.5",
+        "query": prompt,
+        "documents": docs,
+        "top_n": 3,
+        "max_tokens_per_doc": 4096,
+        "priority": 0,
+    }
+    cohere = post(live, "/v1/rerank", json.dumps(cohere_body).encode())
+    jina_body = {
+        "model": "jina-reranker-v2-base-multilingual",
+        "query": prompt,
+        "documents": [{"text": d} for d in docs],
+        "top_n": 2,
+        "return_documents": False,
+    }
+    jina = post(live, "/v1/rerank", json.dumps(jina_body).encode())
+    ours = post(live, "/v1/rerank", json.dumps({"prompt": prompt, "candidates": docs}).encode())
+    raw = post(
+        live,
+        "/v1/rerank",
+        json.dumps({"query": prompt, "documents": docs, "use_activation": False}).encode(),
+    )
     assert cohere.status_code == 200, cohere.text
     results = cohere.json()["results"]
     assert [r["index"] for r in results] == order
     assert [r["relevance_score"] for r in results] == pytest.approx(
         [sigmoid(want[i]) for i in order], abs=1e-6
     )
-    assert all("document" not in r or r["document"] is None for r in results)
+    # Documents are echoed unless the request says not to (as Jina and vLLM do).
+    assert [r["document"]["text"] for r in results] == [docs[i] for i in order]
     top = RerankResponse.model_validate(jina.json()).results
-    assert [r.index for r in top] == order[:2]
-    assert [r.document.text if r.document else None for r in top] == [docs[i] for i in order[:2]]
+    assert [r.index for r in top] == order[:2] and all(r.document is None for r in top)
     assert [r["reward"] for r in ours.json()["results"]] == [r["reward"] for r in results]
+    assert all(r["document"] is None for r in ours.json()["results"])
+    relevance = [r["relevance_score"] for r in raw.json()["results"]]
+    assert relevance == pytest.approx([want[i] for i in order], abs=1e-5)
     assert cohere.json()["usage"]["total_tokens"] == cohere.json()["usage"]["tokens"]
 
 
@@ -351,10 +456,20 @@ def test_openapi_documents_every_status_and_docs_work_offline(live: Live) -> Non
         for status in ("400", "401", "413", "429", "503", "504"):
             ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
             assert ref.endswith(f"/{envelope}"), (path, status)
-        if envelope != "VLLMError":
-            assert "422" in responses, path  # vLLM's validation errors are 400s
+        if envelope == "VLLMError":
+            assert "422" not in responses, path  # vLLM answers bad bodies with a 400
+        else:
+            assert "422" in responses, path
+        assert "500" in responses, path
     metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == [CONTENT_TYPE_LATEST]
     assert docs.status_code == 200 and "/static-offline-docs/swagger-ui-bundle.js" in docs.text
     assert "cdn" not in docs.text.lower()
     assert asset.status_code == 200 and len(asset.content) > 100_000
+
+
+def test_served_model_name_is_a_repeatable_flag() -> None:
+    from service.cli import parse
+
+    names = ["--served-model-name", "/models/rm", "--served-model-name", "rm"]
+    assert parse(["--model", "x", *names]).served_model_name == ["/models/rm", "rm"]

@@ -30,6 +30,13 @@ from service.settings import Settings
 SHAPES = [(1, 1), (1, 9), (4, 1), (3, 3), (2, 7), (6, 2), (5, 31), (1, 2)]
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    """Forget graphs other tests compiled for the same code (a compiled server elsewhere in
+    the session), so that each test here sees only its own."""
+    torch._dynamo.reset()
+
+
 def compiled_backend(model_dir: Path) -> TransformersBackend:
     """The tiny model, compiled on the CPU."""
     return TransformersBackend(
@@ -91,7 +98,9 @@ def test_a_shape_outside_both_graphs_runs_eagerly_instead_of_compiling(gpt2_rm: 
 
 def test_a_model_that_cannot_compile_is_a_clear_load_error(gpt2_rm: Path) -> None:
     settings = Settings(model=gpt2_rm, compile=True, warmup=False, batch_overhead_tokens=0)
-    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",)}), pytest.raises(LoadError) as failed:
+    # No cached kernels either: every kernel must go through the (missing) compiler.
+    broken = {"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}
+    with inductor.patch(broken), pytest.raises(LoadError) as failed:
         load_model(settings)
     message = str(failed.value)
     assert message.startswith("compile: torch.compile failed (InvalidCxxCompiler: No working C++")

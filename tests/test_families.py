@@ -52,6 +52,7 @@ NO_SYSTEM = {"gemma2"}
 TAKES_TOOLS = {"llama3", "mistral", "qwen2", "qwen3"}
 # vLLM with its defaults (the CPU KV cache sized for the model), eager for a quick start.
 VLLM = {"backend": "vllm", "vllm_enforce_eager": True}
+VLLM_TOLERANCE = 1e-5  # fp32: vLLM's CPU kernels agree with PyTorch's to this
 
 
 def chat_for(family: str) -> list[dict[str, Any]]:
@@ -269,10 +270,21 @@ def test_last_token_pooling_with_padding(merged: Merged, side: str, pad_in_confi
 def test_vllm_backend_scores_like_transformers(served: Served, needs_vllm: None) -> None:
     items = family_items(served.family)
     settings = Settings.model_validate({"model": served.model_dir, **VLLM})
+    verl = {"input": template_text(served.family), "use_activation": False}
     with served.live.client() as client:
         want = client.post("/v1/score", json={"items": items}).json()["results"]
     with live_server(settings) as live, live.client() as client:
         got = client.post("/v1/score", json={"items": items}).json()["results"]
+        classify = client.post("/classify", json=verl).json()["data"][0]["probs"][0]
     for a, b in zip(got, want, strict=True):
         assert a["n_tokens"] == b["n_tokens"]
-        assert a["reward"] == pytest.approx(b["reward"], abs=1e-4)
+        assert a["reward"] == pytest.approx(b["reward"], abs=VLLM_TOLERANCE)
+    assert classify == pytest.approx(want[2]["reward"], abs=VLLM_TOLERANCE)  # the chat item
+
+
+def template_text(family: str) -> str:
+    """The family's chat rendered as verl sends it: the template's text, BOS removed."""
+    tokenizer = tokenizer_of(family)
+    text = tokenizer.apply_chat_template(chat_for(family), tokenize=False)
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and text.startswith(bos) else text

@@ -70,6 +70,17 @@ def test_per_sample_hook_as_the_reward_loop_awaits_it(rm_server: Any) -> None:
     assert asyncio.run(run()) == [-1.0, -1.0, 1.0]
 
 
+def test_the_per_sample_hook_works_across_event_loops(rm_server: Any) -> None:
+    fn = load_like_verl("compute_score", {"base_url": rm_server.url})
+
+    async def one() -> Any:
+        return await fn(solution_str="maybe", extra_info={"prompt": "q"}, data_source="d")
+
+    # Each asyncio.run makes a new loop (possibly at a freed loop's address): a client from
+    # a closed loop must not be reused.
+    assert [asyncio.run(one()) for _ in range(3)] == [1.0, 1.0, 1.0]
+
+
 def test_a_sample_without_a_prompt_names_itself(rm_server: Any) -> None:
     fn = load_like_verl("compute_score_batch", {"base_url": rm_server.url})
     with pytest.raises(ValueError, match=r"sample 1: extra_info has no prompt"):

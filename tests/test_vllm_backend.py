@@ -340,3 +340,14 @@ def test_cpu_kv_cache_default_fits_the_model_and_the_host() -> None:
     # Never below one full-length item, even on a host short of RAM.
     assert cpu_kv_cache_bytes(eight_b, torch.float32, 8192, 1 << 30) == per_token * 8192
     assert cpu_kv_cache_bytes(eight_b, torch.bfloat16, 8192, 0) == per_token // 2 * 32768
+
+
+def test_available_ram_respects_the_cgroup_limit(tmp_path: Path) -> None:
+    from service.backends.vllm import available_ram
+
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    (tmp_path / "memory.current").write_text("268435456\n")
+    assert available_ram(tmp_path) == min(available_ram(tmp_path / "none"), 805306368)
+    assert available_ram(tmp_path) <= 805306368  # 1 GiB limit - 256 MiB used
+    (tmp_path / "memory.max").write_text("max\n")
+    assert available_ram(tmp_path) == available_ram(tmp_path / "none")  # no limit: host RAM

@@ -166,6 +166,10 @@ class TransformersBackend:
             attn_implementation=attention_implementation(config),
         )
         torch_dtype = resolve_dtype(dtype, self.device, model.config)
+        # Models RewardForward does not pool itself (remote code with other heads) pool
+        # through the pad id: give them one (composite configs read their text config's).
+        model.config.pad_token_id = pad_token_id
+        model.config.get_text_config().pad_token_id = pad_token_id
         self.model = RewardForward(model.to(device=self.device, dtype=torch_dtype).eval())
         self.pad_token_id = pad_token_id
         self.run: Callable[..., Any] = self.model

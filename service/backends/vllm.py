@@ -103,12 +103,22 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * layers * kv_heads * head_dim * dtype.itemsize
 
 
-def available_ram() -> int:
-    """Bytes of RAM available now (Linux), or 0 if unknown."""
+def available_ram(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of RAM available now (Linux), within the cgroup's memory limit when it has one
+    (a Kubernetes pod's), or 0 if unknown."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        return 0
+        free = 0
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        used = int((cgroup / "memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    if not limit.isdigit():  # "max": no limit
+        return free
+    headroom = max(0, int(limit) - used)
+    return min(free, headroom) if free else headroom
 
 
 def cpu_kv_cache_bytes(config: Any, dtype: torch.dtype, max_length: int, available: int) -> int:
