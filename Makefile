@@ -24,7 +24,7 @@ $(VLLM_STAMP): $(STAMP)
 	touch $(VLLM_STAMP)
 
 demo: $(STAMP)
-	$(PY) -m merger.demo
+	$(PY) -m merger.recipe.demo
 
 test: lint unit
 

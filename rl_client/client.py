@@ -27,7 +27,7 @@ from rl_client.errors import (
     RewardClientError,
     ServiceUnavailable,
 )
-from rl_client.plan import RETRY_STATUSES, parse_retry_after, plan_chunks, retry_delay
+from rl_client.retry import RETRY_STATUSES, parse_retry_after, plan_chunks, retry_delay
 from service.protocol import (
     FINGERPRINT_HEADER,
     Item,

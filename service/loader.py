@@ -16,12 +16,12 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from merger.checkpoints import TOKENIZER_FILES, sha256_file
-from merger.demo import demo_artifact
 from merger.errors import VerifyError
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from service.backends.base import Backend
 from service.backends.transformers import CompileError, TransformersBackend, resolve_device
 from service.cores import CoreShare
+from service.default_model import default_model
 from service.encoding import Encoder
 from service.settings import Settings
 
@@ -31,7 +31,7 @@ NO_MODEL = (
     "no model given: pass --model DIR (or set WARM_MODEL) to a WARM artifact made by "
     "`warm-merge build` or to a Hugging Face *ForSequenceClassification directory. "
     "The embedded default, the demo's WARM reward model, is not built yet at {default}: "
-    "`make demo` (or `python -m merger.demo`) builds it once, in about 4 minutes on 2 CPU cores"
+    "`make demo` (or `python -m merger.recipe.demo`) builds it once, in minutes on a CPU"
 )
 DEFAULT_MODEL_ID = "warm-demo"
 CALIBRATION_LENGTH = 128
@@ -74,7 +74,7 @@ def resolve_model(model: Path | None) -> Path:
     """The directory to serve: `model`, or the embedded default (the `make demo` artifact)."""
     if model is not None:
         return check_model_dir(model)
-    default = demo_artifact()
+    default = default_model()
     if not (default / MANIFEST_NAME).is_file():
         raise LoadError(NO_MODEL.format(default=default))
     return check_model_dir(default)

@@ -13,7 +13,7 @@ import pytest
 def run_demo(demo_dir: Path) -> str:
     env = {**os.environ, "WARM_DEMO_DIR": str(demo_dir), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     result = subprocess.run(
-        [sys.executable, "-m", "merger.demo"],
+        [sys.executable, "-m", "merger.recipe.demo"],
         env=env,
         capture_output=True,
         text=True,

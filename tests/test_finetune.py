@@ -12,7 +12,8 @@ from transformers import BertConfig
 from typer.testing import CliRunner
 
 from merger.cli import app
-from merger.finetune import (
+from merger.manifest import verify_artifact
+from merger.recipe.finetune import (
     MEMBER_FILE,
     REPORT_FILE,
     FinetuneSpec,
@@ -23,8 +24,7 @@ from merger.finetune import (
     plan_members,
     rank,
 )
-from merger.manifest import verify_artifact
-from merger.prefdata import generate, write_jsonl
+from merger.recipe.prefdata import generate, write_jsonl
 
 TRAIN = generate("train", 48, seed=0)
 VAL = generate("val", 24, seed=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from merger.diagnose import load_preferences
-from merger.prefdata import (
+from merger.recipe.prefdata import (
     FILLERS,
     ID_TEMPLATES,
     OOD_TEMPLATES,

@@ -17,7 +17,7 @@ import experiments
 import members
 import plots
 
-from merger.finetune import FinetuneReport, MemberPlan, TrainedMember
+from merger.recipe.finetune import FinetuneReport, MemberPlan, TrainedMember
 
 
 def test_best_of_n_expectation_over_all_subsets_by_hand() -> None:

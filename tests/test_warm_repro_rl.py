@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "war
 import oracle_server
 import policy
 
-from merger import prefdata
+from merger.recipe import prefdata
 from rl_client.client import RewardClient
 from rl_client.config import TrainConfig
 from rl_client.errors import RequestFailed

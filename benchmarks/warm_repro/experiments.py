@@ -23,8 +23,8 @@ from members import Data, Setup, margins, rewards
 
 from merger.diagnose import Preference, diagnose, lambda_grid
 from merger.diagnose import margin_accuracy as accuracy
-from merger.finetune import FinetuneReport
-from merger.prefdata import PrefPair, oracle
+from merger.recipe.finetune import FinetuneReport
+from merger.recipe.prefdata import PrefPair, oracle
 
 BON_SIZES = (1, 2, 4, 8, 16, 32, 64)
 

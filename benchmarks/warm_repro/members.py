@@ -1,7 +1,7 @@
 """The reproduction's reward models: M MiniLM RMs fine-tuned on 25%-corrupted preferences.
 
 One shared setup feeds every experiment, as in the paper's corrupted-label runs:
-  * data from `merger.prefdata`: a training set whose labels are flipped with probability
+  * data from `merger.recipe.prefdata`: a training set whose labels are flipped with probability
     `noise` (the flipped pairs are known), a clean in-distribution validation set and a clean
     out-of-distribution test set;
   * `warm-merge finetune`: `members` MiniLM reward models from one shared initialisation,
@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from merger import prefdata
 from merger.build import plan_merge, run_merge
 from merger.config import MergeSpec
-from merger.finetune import FinetuneReport, FinetuneSpec, finetune, load_rm, pair_rewards
 from merger.manifest import MANIFEST_NAME
-from merger.prefdata import PrefPair
+from merger.recipe import prefdata
+from merger.recipe.finetune import FinetuneReport, FinetuneSpec, finetune, load_rm, pair_rewards
+from merger.recipe.prefdata import PrefPair
 
 Log = Callable[[str], None]
 

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from merger import prefdata
+from merger.recipe import prefdata
 from service.errors import TYPE_OF_STATUS, ErrorType, ServiceError, envelope, invalid_request
 from service.protocol import (
     FINGERPRINT_HEADER,

@@ -1,7 +1,7 @@
 """The RL experiment's initial policy: a small GPT-2 that writes prefdata-style answers.
 
 What. `word_tokenizer` is a word-level tokenizer over exactly the words and punctuation that
-`merger.prefdata` prompts and responses use, and `make_policy` supervised-fine-tunes a small
+`merger.recipe.prefdata` prompts and responses use, and `make_policy` supervised-fine-tunes a small
 randomly initialised GPT-2 on prefdata prompts followed by BOTH the chosen and the rejected
 response of each training pair, then saves it as a Hugging Face causal-LM directory that
 `warm-rl train` (and `rl_client.rollout.sample`) can load.
@@ -38,7 +38,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from merger import prefdata
+from merger.recipe import prefdata
 from merger.writer import atomic_file
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")  # ids 0..3

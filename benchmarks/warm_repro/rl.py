@@ -24,7 +24,7 @@ from experiments import win_rate
 from oracle_server import create_oracle_app
 
 from merger.checkpoints import sha256_file
-from merger.prefdata import oracle
+from merger.recipe.prefdata import oracle
 from service.app import create_app
 from service.loopback import serve
 from service.settings import Settings

