@@ -16,12 +16,13 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.protocol import Message, sigmoid
 
+Datum = TypeVar("Datum", bound=BaseModel)
 # A batch of token-id lists, a token-id list, a batch of texts, or one text (vLLM's order).
 PoolingInput = list[list[int]] | list[int] | list[str] | str
 
@@ -115,15 +116,19 @@ class ClassificationData(BaseModel):
     num_classes: int
 
 
-class ClassificationResponse(BaseModel):
-    """Response of POST /classify."""
+class PoolingList(BaseModel, Generic[Datum]):
+    """vLLM's list response: an id, the model's name, one datum per input, the usage."""
 
-    id: str = Field(default_factory=lambda: request_id("classify"))
+    id: str
     object: str = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    data: list[ClassificationData]
+    data: list[Datum]
     usage: UsageInfo
+
+
+class ClassificationResponse(PoolingList[ClassificationData]):
+    """Response of POST /classify."""
 
 
 class PoolingData(BaseModel):
@@ -134,15 +139,8 @@ class PoolingData(BaseModel):
     data: list[float]
 
 
-class PoolingResponse(BaseModel):
+class PoolingResponse(PoolingList[PoolingData]):
     """Response of POST /pooling."""
-
-    id: str = Field(default_factory=lambda: request_id("pooling"))
-    object: str = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    data: list[PoolingData]
-    usage: UsageInfo
 
 
 class EmbeddingData(BaseModel):
@@ -153,15 +151,8 @@ class EmbeddingData(BaseModel):
     embedding: list[float]
 
 
-class EmbeddingResponse(BaseModel):
+class EmbeddingResponse(PoolingList[EmbeddingData]):
     """Response of POST /v1/embeddings."""
-
-    id: str = Field(default_factory=lambda: request_id("embd"))
-    object: str = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    data: list[EmbeddingData]
-    usage: UsageInfo
 
 
 def activated(outputs: Sequence[float], problem_type: str | None) -> list[float]:

@@ -165,7 +165,7 @@ def test_classify_batches_token_ids_chats_and_truncation(live: Live, llama_rm: P
         "/classify",
         aiohttp_body({"input": ids, "truncate_prompt_tokens": 5, "use_activation": False}),
     )
-    assert cut_ids.json()["data"][0]["probs"] == tail.json()["data"][0]["probs"]
+    assert cut_ids.json()["data"][0]["probs"] == pytest.approx(tail.json()["data"][0]["probs"])
 
 
 def test_pooling_and_sglang_embeddings(live: Live, llama_rm: Path) -> None:
@@ -222,7 +222,7 @@ def test_classify_truncation_ids_and_vllm_details(live: Live, llama_rm: Path) ->
     kept = {"input": ids[:1] + ids[-4:], "use_activation": False}
     want = post(live, "/classify", aiohttp_body(kept)).json()
     assert got["usage"]["prompt_tokens"] == 5
-    assert got["data"][0]["probs"] == want["data"][0]["probs"]
+    assert got["data"][0]["probs"] == pytest.approx(want["data"][0]["probs"], abs=1e-6)
     with live.client() as client:
         named = client.post(
             "/classify",
@@ -398,7 +398,11 @@ def test_cohere_jina_rerank_shape(live: Live) -> None:
     assert [r["document"]["text"] for r in results] == [docs[i] for i in order]
     top = RerankResponse.model_validate(jina.json()).results
     assert [r.index for r in top] == order[:2] and all(r.document is None for r in top)
-    assert [r["reward"] for r in ours.json()["results"]] == [r["reward"] for r in results]
+    # The same rewards (to batch-shape rounding: how a request's items are split over the
+    # model threads depends on timing).
+    assert [r["reward"] for r in ours.json()["results"]] == pytest.approx(
+        [r["reward"] for r in results], abs=1e-5
+    )
     assert all(r["document"] is None for r in ours.json()["results"])
     relevance = [r["relevance_score"] for r in raw.json()["results"]]
     assert relevance == pytest.approx([want[i] for i in order], abs=1e-5)
