@@ -42,7 +42,7 @@ def read_prompts(path: Path | None) -> list[Prompt]:
             prompts.append(record["prompt"])
         elif isinstance(record.get("messages"), list):
             chat = [Message.model_validate(m) for m in record["messages"]]
-            prompts.append([m.model_dump() for m in chat])
+            prompts.append([m.as_turn() for m in chat])
         else:
             raise ValueError(f"{path}:{number}: expected a 'prompt' string or a 'messages' list")
     return prompts

@@ -57,10 +57,7 @@ class Encoder:
         """The text the reward model scores for one item."""
         messages = None
         if item.messages is not None:
-            # Only the keys a turn sets (a template tests `'tool_calls' in message`).
-            messages = [
-                {**m.model_dump(exclude_none=True), "content": m.content} for m in item.messages
-            ]
+            messages = [m.as_turn() for m in item.messages]
         return render(
             self.tokenizer,
             text=item.text,

@@ -40,7 +40,7 @@ class Message(_Strict):
 
     role: str = Field(min_length=1)
     content: str | None = Field(
-        description="The turn's text; null only for an assistant turn that carries tool_calls."
+        None, description="The turn's text; null only for an assistant turn with tool_calls."
     )
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = Field(
@@ -56,6 +56,11 @@ class Message(_Strict):
         if self.content is None and not self.tool_calls:
             raise ValueError("content may be null only beside tool_calls")
         return self
+
+    def as_turn(self) -> dict[str, Any]:
+        """The turn as chat templates read it: role, content and only the other keys it sets
+        (templates test `'tool_calls' in message`)."""
+        return {**self.model_dump(exclude_none=True), "content": self.content}
 
     def n_chars(self) -> int:
         """Characters of the turn's text fields and tool calls (the per-item size limit)."""
