@@ -22,12 +22,12 @@ MIN_SPEEDUP = 2.0
 MAX_RSS_RATIO = 1 / 3
 MAX_ULP = 1
 
-RESULTS_HEADER = """# Merge benchmark results
+RESULTS_HEADER = """# Benchmark results
 
-Appended by `benchmarks/merge_bench.py` (its docstring says what is measured and how).
-Compare ratios within one section; absolute times vary between runs on a shared machine.
+## Current figures
+
+## History (dated runs, oldest first)
 """
-
 COLUMNS = (
     "workload",
     "M",
@@ -247,11 +247,15 @@ def render(res: Results, title: str, context: Sequence[str]) -> str:
 
 
 def append_results(path: Path, section: str) -> None:
-    """Append one section to RESULTS.md, creating it with a header if missing."""
+    """Append one dated section to RESULTS.md's history (its headings one level down, under
+    "History"), creating the file with its headings if missing. The current-figures table
+    at the top is edited by hand."""
     if not path.exists():
         path.write_text(RESULTS_HEADER)
+    lines = section.split("\n")
+    demoted = "\n".join("#" + line if line.startswith("#") else line for line in lines)
     with path.open("a") as f:
-        f.write("\n" + section + "\n")
+        f.write("\n" + demoted + "\n")
 
 
 def publish(path: Path, section: str, append: bool) -> None:
