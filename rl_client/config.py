@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rl_client.client import ClientConfig, FailurePolicy
+
+_CLIENT = ClientConfig.model_fields  # the client's defaults, shared by the flags below
 
 
 class _Command(BaseSettings):
@@ -60,14 +64,50 @@ class TrainConfig(_Command):
         "group_size >= 2); 'none': plain REINFORCE.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    on_reward_failure: Literal["raise", "skip"] = Field(
+    on_reward_failure: FailurePolicy = Field(
         "raise",
         description="After the client's retries: 'raise' stops the run (resume from the last "
-        "checkpoint); 'skip' trains on the completions that got a reward.",
+        "checkpoint); 'none' trains on the completions that got a reward (a failed one has "
+        "none, never 0).",
+    )
+    reward_timeout_s: float = Field(
+        _CLIENT["timeout_s"].default, gt=0, description="Read timeout of one reward request."
+    )
+    reward_max_retries: int = Field(
+        _CLIENT["max_retries"].default, ge=0, description="Retries of a failed reward request."
+    )
+    reward_backoff_base_s: float = Field(
+        _CLIENT["backoff_base_s"].default, gt=0, description="First backoff; doubles per retry."
+    )
+    reward_backoff_max_s: float = Field(
+        _CLIENT["backoff_max_s"].default, gt=0, description="Longest backoff between retries."
+    )
+    reward_max_concurrency: int = Field(
+        _CLIENT["max_concurrency"].default, ge=1, description="Reward requests in flight."
     )
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     resume: bool = Field(True, description="Continue from the checkpoint in --out when present.")
     console: bool = Field(True, description="Print a table row per step.")
+
+    @field_validator("on_reward_failure", mode="before")
+    @classmethod
+    def _older_word(cls, value: object) -> object:
+        return "none" if value == "skip" else value  # the flag's earlier value, still taken
+
+    def client_config(self) -> ClientConfig:
+        """The reward client's settings: the endpoint, its key and pin, retries, concurrency
+        and the failure policy."""
+        return ClientConfig(
+            base_url=self.reward_url,
+            api_key=self.api_key,
+            expected_fingerprint=self.expected_fingerprint,
+            on_failure=self.on_reward_failure,
+            timeout_s=self.reward_timeout_s,
+            max_retries=self.reward_max_retries,
+            backoff_base_s=self.reward_backoff_base_s,
+            backoff_max_s=self.reward_backoff_max_s,
+            max_concurrency=self.reward_max_concurrency,
+        )
 
 
 class BestOfNConfig(_Command):

@@ -106,12 +106,7 @@ def train(
 
     clients: list[RewardClient] = []
     if scorer is None:
-        client = RewardClient(
-            cfg.reward_url,
-            api_key=cfg.api_key,
-            expected_fingerprint=cfg.expected_fingerprint,
-            on_failure="none" if cfg.on_reward_failure == "skip" else "raise",
-        )
+        client = RewardClient(config=cfg.client_config())
         clients.append(client)
         scorer = client
     if control is None and cfg.control_url is not None:

@@ -155,3 +155,28 @@ def test_control_reward_is_logged_not_optimised(
     without = train(config(policy_dir, rm_server.url, tmp_path / "plain", steps=2))
     assert "control_reward" not in without[0]
     assert [r["reward"] for r in without] == [r["reward"] for r in history]
+
+
+def test_the_reward_clients_settings_are_flags(policy_dir: Path, tmp_path: Path) -> None:
+    values: dict[str, Any] = {
+        "policy": policy_dir,
+        "out": tmp_path,
+        "reward_url": "http://rm:8000",
+        "api_key": "k",
+        "reward_timeout_s": 9,
+        "reward_max_retries": 0,
+        "reward_backoff_base_s": 0.1,
+        "reward_backoff_max_s": 2,
+        "reward_max_concurrency": 3,
+        "on_reward_failure": "none",
+    }
+    client = TrainConfig.model_validate(values).client_config()
+    assert (client.base_url, client.timeout_s, client.max_retries) == ("http://rm:8000", 9, 0)
+    assert (client.backoff_base_s, client.backoff_max_s, client.max_concurrency) == (0.1, 2, 3)
+    assert client.on_failure == "none" and client.api_key is not None
+    assert client.api_key.get_secret_value() == "k"
+    # The flag's earlier word still works, and means the client's "none".
+    older = TrainConfig.model_validate({**values, "on_reward_failure": "skip"})
+    assert older.client_config().on_failure == "none"
+    defaults = TrainConfig.model_validate({"policy": policy_dir}).client_config()
+    assert defaults.max_retries == 6 and defaults.on_failure == "raise"
