@@ -16,9 +16,11 @@ diagnostics and the service's transformers backend.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -105,6 +107,25 @@ def attention_implementation(config: Any) -> str | None:
     return None
 
 
+def filler_id(*candidates: int | None) -> int:
+    """The first id given (a pad, else an EOS, ...), else 0: it only fills padded positions,
+    which the attention mask excludes."""
+    return next((c for c in candidates if c is not None), 0)
+
+
+def pad_right(
+    sequences: Sequence[Sequence[int]], pad: int, min_length: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded token ids and their attention mask, both (n, longest) int64."""
+    longest = max(min_length, *(len(s) for s in sequences))
+    ids = np.full((len(sequences), longest), pad, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
 def batch_texts(
     tokenizer: Any, texts: list[str], batch_size: int, max_length: int, side: str = "left"
 ) -> list[dict[str, torch.Tensor]]:
@@ -112,18 +133,13 @@ def batch_texts(
     tokenised by the input contract (`TokenLayout`) and cut to `max_length` from `side`."""
     layout = TokenLayout.of(tokenizer, max_length)
     ids = [row for row, _ in layout.encode(tokenizer, texts, side)]
-    known = (tokenizer.pad_token_id, tokenizer.eos_token_id)
-    pad = next((p for p in known if p is not None), 0)  # fills only: the mask decides
+    pad = filler_id(tokenizer.pad_token_id, tokenizer.eos_token_id)
     batches = []
     for start in range(0, len(ids), batch_size):
-        rows = ids[start : start + batch_size]
-        longest = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        batches.append({"input_ids": input_ids, "attention_mask": mask})
+        input_ids, mask = pad_right(ids[start : start + batch_size], pad)
+        batches.append(
+            {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        )
     return batches
 
 

@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 from merger.checkpoints import TOKENIZER_FILES, sha256_file
 from merger.errors import VerifyError
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
+from merger.scoring import filler_id
 from service.backends.base import Backend
 from service.backends.transformers import CompileError, TransformersBackend, resolve_device
 from service.cores import CoreShare
@@ -148,9 +149,7 @@ def load_model(settings: Settings) -> LoadedModel:
         )
     except ValueError as error:
         raise LoadError(f"{model_dir}: {error}") from error
-    # Only fills padded positions: rewards are read where the attention mask says.
-    known = (tokenizer.pad_token_id, config.pad_token_id, tokenizer.eos_token_id)
-    pad = next((p for p in known if p is not None), 0)
+    pad = filler_id(tokenizer.pad_token_id, config.pad_token_id, tokenizer.eos_token_id)
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)

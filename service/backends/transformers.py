@@ -35,7 +35,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import InductorError
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from merger.scoring import RewardForward, attention_implementation
+from merger.scoring import RewardForward, attention_implementation, pad_right
 from service.backends.base import ModelInfo
 from service.errors import ErrorType, ServiceError
 
@@ -225,12 +225,7 @@ class TransformersBackend:
         if threads is not None and torch.get_num_threads() != threads:
             # OpenMP's thread count is per calling thread: other model threads keep theirs.
             torch.set_num_threads(threads)
-        longest = max(self.min_length, *(len(s) for s in sequences))
-        ids = np.full((len(sequences), longest), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(sequences), longest), dtype=np.int64)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = sequence
-            mask[row, : len(sequence)] = 1
+        ids, mask = pad_right(sequences, self.pad_token_id, self.min_length)
         with nullcontext() if self.stance is None else STANCE.hold(self.stance):
             logits = self.run(
                 input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
