@@ -1,16 +1,15 @@
-"""Plan and run a merge: inputs -> canonical order -> streamed chunks -> atomic artifact.
+"""Run a planned merge: streamed chunks through `merger.methods` into an `ArtifactWriter`.
 
-Memory stays flat in M and in model size: per averaging worker, one fp64 accumulator chunk
+Memory stays flat in M and in model size: per averaging thread, one fp64 accumulator chunk
 and one input chunk at a time, read with pread into buffers reused for the whole merge.
-A background thread hashes the input files while the merge runs, then hashes each output
-shard as it is written: the artifact is never read back for its manifest. Once the inputs
-are hashed, the cores that hashing used average chunks too.
+The inputs are hashed (`FileHashes`) while the merge runs and each output shard as it is
+written (`ArtifactWriter`): the artifact is never read back for its manifest. Once the
+inputs are hashed, the core that hashing used averages chunks too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import threading
@@ -23,128 +22,17 @@ from typing import Any
 
 import torch
 
-from merger import __version__
-from merger.checkpoints import (
-    CONFIG_NAME,
-    Checkpoint,
-    FileHashes,
-    TensorInfo,
-    TensorReader,
-    check_compatible,
-    open_checkpoint,
-    sha256_file,
-)
-from merger.config import MergeSpec, Method
-from merger.dtypes import CONFIG_DTYPE_NAMES, FLOATING, OUTPUT_DTYPES, itemsize, to_torch
+from merger.checkpoints import TensorInfo, TensorReader
+from merger.config import Method
+from merger.dtypes import FLOATING, itemsize, to_torch
 from merger.errors import MergeError
-from merger.manifest import (
-    MANIFEST_NAME,
-    PLACEHOLDER_SHA256,
-    InputRecord,
-    Manifest,
-    MergeRecord,
-    build_manifest,
-    manifest_bytes,
-    shard_metadata,
-)
-from merger.methods import (
-    ACC_DTYPE,
-    BufferPool,
-    Rounder,
-    accumulate,
-    liti_weights,
-    round_to,
-    slerp_task_vectors,
-)
-from merger.writer import (
-    INDEX_NAME,
-    AtomicDirectory,
-    PlannedTensor,
-    ShardPlan,
-    ShardWriter,
-    index_json,
-    plan_shards,
-)
+from merger.hashing import FileHashes
+from merger.manifest import Manifest
+from merger.methods import BufferPool, average, slerp_merge
+from merger.plan import InputHashes, MergePlan, output_config, provenance
+from merger.writer import ArtifactWriter, PlannedTensor, ShardWriter
 
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """A validated merge: members in canonical order, output tensors and shards."""
-
-    spec: MergeSpec
-    members: tuple[Checkpoint, ...]
-    raw_weights: tuple[float, ...]  # as given (uniform: 1.0), aligned with members
-    init: Checkpoint | None
-    shards: tuple[ShardPlan, ...]
-
-    @property
-    def tensors(self) -> tuple[PlannedTensor, ...]:
-        """Every output tensor, shard by shard in disk order."""
-        return tuple(t for s in self.shards for t in s.tensors)
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        """Member weights normalised to the simplex, aligned with members."""
-        total = math.fsum(self.raw_weights)
-        return tuple(w / total for w in self.raw_weights)
-
-    @property
-    def init_weight(self) -> float:
-        """Normalised weight of init in a LITI average (0 when not interpolating)."""
-        return 0.0 if self.spec.liti is None else 1.0 - self.spec.liti
-
-    def positive_members(self) -> list[tuple[Checkpoint, float]]:
-        """Members with a positive raw weight, in canonical order (zero weights are not read)."""
-        return [(m, w) for m, w in zip(self.members, self.raw_weights, strict=True) if w > 0]
-
-    def sources(self) -> list[tuple[Checkpoint, float]]:
-        """The (input, raw weight) terms a floating tensor is read from, in summation order."""
-        members = self.positive_members()
-        if self.spec.method is Method.slerp:
-            assert self.init is not None
-            return [(self.init, 1.0), *members]
-        if self.spec.liti is not None:
-            assert self.init is not None
-            init_w, member_w = liti_weights([w for _, w in members], self.spec.liti)
-            head = [(self.init, init_w)] if init_w > 0 else []
-            return head + [(m, w) for (m, _), w in zip(members, member_w, strict=True)]
-        return members
-
-    @property
-    def bytes_to_read(self) -> int:
-        """Tensor bytes read from the inputs."""
-        return sum(ckpt.nbytes for ckpt, _ in self.sources())
-
-    @property
-    def bytes_to_write(self) -> int:
-        """Tensor bytes written to the artifact."""
-        return sum(s.nbytes for s in self.shards)
-
-
-def plan_merge(spec: MergeSpec) -> MergePlan:
-    """Open and check every input; fix the canonical order and the output layout."""
-    opened = [open_checkpoint(p) for p in spec.inputs]
-    # Canonical order: the result never depends on the order of the command-line arguments.
-    raw = spec.weights or (1.0,) * len(opened)
-    order = sorted(range(len(opened)), key=lambda i: (str(opened[i].path), raw[i]))
-    members = tuple(opened[i] for i in order)
-    raw_weights = tuple(raw[i] for i in order)
-    init = open_checkpoint(spec.init) if spec.init is not None else None
-    check_compatible(
-        list(members),
-        init,
-        allow_multi_head=spec.allow_multi_head,
-        ignore_config_keys=frozenset(spec.ignore_config_keys),
-    )
-    override = OUTPUT_DTYPES[spec.dtype] if spec.dtype is not None else None
-    planned = [
-        PlannedTensor(t.name, override if override and t.dtype in FLOATING else t.dtype, t.shape)
-        for t in members[0].tensors.values()
-    ]
-    shards = tuple(plan_shards(planned, spec.max_shard_size))
-    return MergePlan(spec, members, raw_weights, init, shards)
 
 
 def _row_chunks(info: TensorInfo, chunk_elements: int) -> Iterator[tuple[int, int] | None]:
@@ -186,7 +74,7 @@ class _Chunk:
 
 
 class _Averager:
-    """The weighted average of chunks, in buffers reused for the whole merge.
+    """`methods.average` over chunks, read into buffers reused for the whole merge.
 
     Chunks are sized to stay in a core's cache across the M inputs; the arithmetic runs on
     one torch thread per averager. A chunk returned by `average` is valid until its next call.
@@ -195,21 +83,22 @@ class _Averager:
     def __init__(self, ctx: _Context) -> None:
         self._ctx = ctx
         self._buffers = BufferPool(ctx.plan.spec.chunk_elements)
-        self._rounder = Rounder(self._buffers)
         self._terms = ctx.plan.sources()
-        self._total = math.fsum(w for _, w in self._terms)
+        self._weights = [w for _, w in self._terms]
 
     def average(self, chunk: _Chunk) -> torch.Tensor:
-        """The averaged, rounded chunk."""
-        acc = self._buffers.get("acc", ACC_DTYPE, chunk.shape)
-        promoted = self._buffers.get("promoted", ACC_DTYPE, chunk.shape)
-        for i, (ckpt, weight) in enumerate(self._terms):
+        """The averaged chunk, correctly rounded to its output dtype."""
+        return average(
+            self._read(chunk), self._weights, to_torch(chunk.target.dtype), self._buffers
+        )
+
+    def _read(self, chunk: _Chunk) -> Iterator[torch.Tensor]:
+        """Each term's rows of the chunk, in turn, in one reused buffer per dtype."""
+        for ckpt, _ in self._terms:
             info = ckpt.tensors[chunk.target.name]
             x = self._buffers.get("input", to_torch(info.dtype), chunk.shape)
             self._ctx.reader.read(info, chunk.rows, _bytes(x))
-            accumulate(acc, x, weight, promoted, first=i == 0)
-        out_dtype = to_torch(chunk.target.dtype)
-        return self._rounder.round(acc, out_dtype, divisor=self._total, consume=True)
+            yield x
 
     def input_bytes(self, chunk: _Chunk) -> int:
         """Bytes `average` reads for `chunk`."""
@@ -264,7 +153,7 @@ class _Averagers:
         writer.write(chunk.target.name, data)
         self._ctx.progress(self._mine.input_bytes(chunk))
 
-    def lend(self, work: Callable[[], None], cancel: Callable[[], None]) -> None:
+    def run_on_all(self, work: Callable[[], None], cancel: Callable[[], None]) -> None:
         """Run `work` on this thread and on every helper at once (it shares itself out);
         if this thread fails or is interrupted, `cancel` stops the helpers' share."""
         futures = [self._pool.submit(work) for _ in self._theirs]
@@ -285,15 +174,19 @@ class _Averagers:
 
 def _merge_slerp(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
     # SLERP needs whole-tensor norms, so it reads whole tensors; memory is a few copies of
-    # the largest tensor, still flat in M (members are folded in one at a time).
+    # the largest tensor, still flat in M (members are read and folded in one at a time).
     plan = ctx.plan
     assert plan.init is not None
-    base = ctx.read_whole(plan.init.tensors[target.name]).to(ACC_DTYPE)
+    init = ctx.read_whole(plan.init.tensors[target.name])
     members = plan.positive_members()
-    deltas = (ctx.read_whole(m.tensors[target.name]).to(ACC_DTYPE) - base for m, _ in members)
-    result = slerp_task_vectors(deltas, [w for _, w in members])
-    eta = 1.0 if plan.spec.liti is None else plan.spec.liti
-    writer.write(target.name, round_to(base + eta * result, to_torch(target.dtype)), owned=True)
+    merged = slerp_merge(
+        init,
+        (ctx.read_whole(m.tensors[target.name]) for m, _ in members),
+        [w for _, w in members],
+        to_torch(target.dtype),
+        eta=1.0 if plan.spec.liti is None else plan.spec.liti,
+    )
+    writer.write(target.name, merged, owned=True)
 
 
 def _copy_exact(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> None:
@@ -309,70 +202,13 @@ def _copy_exact(ctx: _Context, target: PlannedTensor, writer: ShardWriter) -> No
     writer.write(target.name, first, owned=True)
 
 
-def _hash_inputs(
-    ckpts: list[Checkpoint], hashes: FileHashes, stop: threading.Event
-) -> dict[Path, dict[str, str]]:
-    return {c.path: {f.name: hashes.get(f, stop) for f in c.files} for c in ckpts}
+def _hash_inputs(plan: MergePlan, hashes: FileHashes, stop: threading.Event) -> InputHashes:
+    return {c.path: {f.name: hashes.get(f, stop) for f in c.files} for c in plan.inputs}
 
 
-def _record(plan: MergePlan, hashes: dict[Path, dict[str, str]] | None) -> MergeRecord:
-    def files(ckpt: Checkpoint) -> dict[str, str]:
-        if hashes is None:
-            return {f.name: PLACEHOLDER_SHA256 for f in ckpt.files}
-        return hashes[ckpt.path]
-
-    inputs = [
-        InputRecord(path=str(m.path), weight=w, files=files(m))
-        for m, w in zip(plan.members, plan.weights, strict=True)
-    ]
-    init = None
-    if plan.init is not None:
-        init = InputRecord(
-            path=str(plan.init.path), weight=plan.init_weight, files=files(plan.init)
-        )
-    floating = sorted({t.dtype for t in plan.tensors if t.dtype in FLOATING})
-    spec = plan.spec.model_dump(mode="json", exclude={"inputs", "init"})
-    if plan.spec.weights is not None:
-        spec["weights"] = list(plan.raw_weights)  # canonical order, like the inputs
-    return MergeRecord(
-        tool_version=__version__,
-        method=plan.spec.method.value,
-        weights=list(plan.weights),
-        inputs=inputs,
-        init=init,
-        liti=plan.spec.liti,
-        output_dtype=",".join(CONFIG_DTYPE_NAMES.get(d, d) for d in floating),
-        config=spec,
-    )
-
-
-def _output_config(plan: MergePlan) -> bytes | None:
-    config = plan.members[0].config
-    if config is None:
-        return None
-    config = {k: v for k, v in config.items() if k != "_name_or_path"}
-    if plan.spec.dtype is not None:
-        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-        for key in keys:
-            config[key] = plan.spec.dtype
-    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _seal(
-    writer: ShardWriter,
-    plan: MergePlan,
-    hashing: Future[dict[Path, dict[str, str]]],
-    stop: threading.Event,
-) -> str:
-    # Queued behind the input hashing on the same thread, so their result is ready.
-    return writer.seal(shard_metadata(_record(plan, hashing.result())), stop)
-
-
-def _write_shard(
-    ctx: _Context, averagers: _Averagers, shard: ShardPlan, writer: ShardWriter
-) -> None:
+def _write_shard(ctx: _Context, averagers: _Averagers, writer: ShardWriter) -> None:
     run: list[PlannedTensor] = []  # consecutive tensors to average
-    for target in shard.tensors:
+    for target in writer.shard.tensors:
         if target.dtype in FLOATING and ctx.plan.spec.method is not Method.slerp:
             run.append(target)
             continue
@@ -420,63 +256,45 @@ def run_merge(
     """Write the artifact for `plan` atomically into `out`; return its manifest.
 
     The inputs are hashed on a background thread (`hashes`, when the caller started one
-    earlier, e.g. before importing torch), then each output shard as it is written (see
-    ShardWriter.seal). This thread reads, averages and writes, with helper threads on the
+    earlier, e.g. before importing torch), and each output shard as it is written (by the
+    `ArtifactWriter`). This thread reads, averages and writes, with helper threads on the
     other cores (the hashing's too, once the inputs are hashed); once the arithmetic is done,
     they all hash what inputs are left.
     """
     tick: Progress = progress or (lambda _n: None)
-    inputs = [*plan.members, *([plan.init] if plan.init is not None else [])]
     stop = threading.Event()
     slerp = plan.spec.method is Method.slerp
     torch_threads = torch.get_num_threads() if slerp else 1
     helpers = 0 if slerp else min(_cores(), MAX_AVERAGING_THREADS) - 1
     with contextlib.ExitStack() as stack:
         if hashes is None:
-            hashes = stack.enter_context(FileHashes(f for c in inputs for f in c.files))
+            hashes = stack.enter_context(FileHashes(f for c in plan.inputs for f in c.files))
         stack.enter_context(_torch_threads(torch_threads))
         background = stack.enter_context(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-merge-hash")
         )
         reader = stack.enter_context(TensorReader())
-        tmp = stack.enter_context(AtomicDirectory(out, overwrite=overwrite))
-        hashing = background.submit(_hash_inputs, inputs, hashes, stop)
-        draft = shard_metadata(_record(plan, None))
+        hashing = background.submit(_hash_inputs, plan, hashes, stop)
+        artifact = stack.enter_context(
+            ArtifactWriter(
+                out,
+                plan.shards,
+                provenance(plan, None),
+                lambda: provenance(plan, hashing.result()),
+                overwrite=overwrite,
+            )
+        )
         ctx = _Context(plan, reader, tick)
         averagers = _Averagers(ctx, helpers, lambda: _helpers_now(helpers, hashing))
         stack.callback(averagers.close)
-        writers: list[ShardWriter] = []
-        seals: list[Future[str]] = []
         try:
             for shard in plan.shards:
-                writer = ShardWriter(tmp.path / shard.name, shard, draft)
-                writers.append(writer)
-                seals.append(background.submit(_seal, writer, plan, hashing, stop))
-                _write_shard(ctx, averagers, shard, writer)
-            averagers.lend(hashes.assist, hashes.cancel)  # arithmetic done: hash what is left
-            digests = {w.path.name: seal.result() for w, seal in zip(writers, seals, strict=True)}
-            record = _record(plan, hashing.result())
+                _write_shard(ctx, averagers, artifact.open_shard(shard))
+            averagers.run_on_all(hashes.hash_pending, hashes.cancel)  # arithmetic done
+            record = provenance(plan, hashing.result())
             hashes.check_unchanged(reader.opened)
+            return artifact.finish(record, output_config(plan), plan.members[0].aux_files)
         except BaseException:
             stop.set()
-            hashes.cancel()
-            for writer in writers:
-                writer.abort()
-            wait(seals)
+            hashes.cancel()  # before the artifact waits for its shards' final records
             raise
-        finally:
-            for writer in writers:
-                writer.close()
-        if len(plan.shards) > 1:
-            tmp.write_file(INDEX_NAME, index_json(plan.shards, {}))
-        config = _output_config(plan)
-        if config is not None:
-            tmp.write_file(CONFIG_NAME, config)
-        for name, src in sorted(plan.members[0].aux_files.items()):
-            if name != CONFIG_NAME:
-                tmp.write_file(name, src.read_bytes())
-        others = (p for p in sorted(tmp.path.iterdir()) if p.name not in digests)
-        written = digests | {p.name: sha256_file(p) for p in others}
-        manifest = build_manifest(record, written)
-        tmp.write_file(MANIFEST_NAME, manifest_bytes(manifest))
-    return manifest

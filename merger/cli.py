@@ -21,10 +21,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from merger.checkpoints import FileHashes, input_files
+from merger.checkpoints import input_files
 from merger.config import MergeSpec, Method
 from merger.console import err, fail, out, spec_error
 from merger.errors import MergeError
+from merger.hashing import FileHashes
 from merger.recipe.cli import finetune
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -99,7 +100,8 @@ def build(
     except ValidationError as exc:
         spec_error(exc)
     with _early_hashes(spec, dry_run) as hashes:
-        from merger.build import plan_merge, run_merge  # torch: imported while hashing runs
+        from merger.build import run_merge  # torch: imported while hashing runs
+        from merger.plan import plan_merge
 
         try:
             plan = plan_merge(spec)
@@ -134,14 +136,15 @@ def build(
 
 
 def _print_plan(plan: object) -> None:
-    from merger.build import MergePlan
+    from merger.plan import MergePlan, provenance
 
     assert isinstance(plan, MergePlan)
+    record = provenance(plan, None)
     out.print(f"method {plan.spec.method.value}, {len(plan.members)} members")
-    for member, weight in zip(plan.members, plan.weights, strict=True):
-        out.print(f"  {weight:.6f}  {member.path}")
-    if plan.init is not None:
-        out.print(f"  init ({plan.init_weight:.6f})  {plan.init.path}")
+    for member in record.inputs:
+        out.print(f"  {member.weight:.6f}  {member.path}")
+    if record.init is not None:
+        out.print(f"  init ({record.init.weight:.6f})  {record.init.path}")
     out.print(f"tensors {len(plan.tensors)}")
     out.print(f"bytes to read {plan.bytes_to_read:,}")
     out.print(f"bytes to write {plan.bytes_to_write:,}")

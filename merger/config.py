@@ -114,9 +114,3 @@ class MergeSpec(BaseModel):
         if self.liti is not None and self.init is None:
             raise ValueError("--liti needs --init: it interpolates the result toward init")
         return self
-
-    def normalized_weights(self) -> tuple[float, ...]:
-        """Member weights on the simplex (uniform when none were given)."""
-        raw = self.weights or (1.0,) * len(self.inputs)
-        total = math.fsum(raw)
-        return tuple(w / total for w in raw)

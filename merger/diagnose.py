@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from merger.checkpoints import Checkpoint, check_compatible, open_checkpoint
 from merger.errors import MergeError
 from merger.formatting import DEFAULT_SEPARATOR, render
-from merger.methods import weighted_average
+from merger.methods import average
 from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
@@ -154,7 +154,7 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     for name, ref in states[0].items():
         tensors = [s[name] for s in states]
         if ref.is_floating_point():
-            out[name] = weighted_average(tensors, weights, torch.float32)
+            out[name] = average(tensors, weights, torch.float32)
         elif all(torch.equal(ref, t) for t in tensors[1:]):
             out[name] = ref
         else:

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
-from merger.checkpoints import sha256_file
 from merger.errors import MergeError, VerifyError
+from merger.hashing import sha256_file
 
 FORMAT = "warm-rm.artifact/1"
 MANIFEST_NAME = "warm_manifest.json"

@@ -1,6 +1,16 @@
-"""Merge methods as pure tensor functions: weighted average, SLERP of task vectors, LITI.
+"""Merge methods as pure tensor functions: the arithmetic `warm-merge build` runs.
 
-No file, network or device I/O here. Shapes: every tensor argument has the same shape.
+One function per method, called by the streaming merge (`merger.build`) on each chunk of
+each tensor, and tested here as it runs there:
+- `average`: the weighted average (WARM; rewarded soups' lambda on the simplex). LITI
+  towards a shared initialisation is an average too, with that initialisation as one more
+  term: `liti_weights` folds it in.
+- `slerp_merge`: WARP's SLERP of task vectors around the initialisation, then LITI.
+
+The weights keep the form they were given in (e.g. 1, 1, 2) all the way to the arithmetic:
+the sum is taken with them in fp64 and divided once by their total, at the final rounding;
+`simplex` is what the provenance record states. No file, network or device I/O here.
+Shapes: every tensor argument has the same shape.
 """
 
 from __future__ import annotations
@@ -44,23 +54,6 @@ def accumulate(
     if scratch is not None and x.dtype != acc.dtype:
         x = scratch.copy_(x)
     acc.add_(x, alpha=weight)
-
-
-def weighted_average(
-    tensors: Sequence[torch.Tensor], weights: Sequence[float], acc_dtype: torch.dtype
-) -> torch.Tensor:
-    """(sum_i w_i * x_i) / sum_i w_i in acc_dtype, summed in the given order.
-
-    Raw weights are summed first and divided once at the end: with integer weights the sum
-    of fp32 (or bf16) inputs is exact in fp64 (fp32), so the one division rounds correctly,
-    ties included; multiplying by pre-normalised weights such as 1/3 would not.
-    """
-    if len(tensors) != len(weights) or not tensors:
-        raise ValueError(f"{len(tensors)} tensors for {len(weights)} weights")
-    acc = torch.zeros(tensors[0].shape, dtype=acc_dtype)
-    for x, w in zip(tensors, weights, strict=True):
-        accumulate(acc, x, w)
-    return acc.div_(math.fsum(weights))
 
 
 def liti_weights(weights: Sequence[float], eta: float) -> tuple[float, tuple[float, ...]]:
@@ -184,6 +177,45 @@ class Rounder:
         out.view(-1)[idx] = _round_via_odd(odd.view(-1)[idx], out.dtype)
 
 
+def simplex(weights: Sequence[float]) -> tuple[float, ...]:
+    """Weights divided by their total: what a merge record states (the arithmetic does not
+    use these; see the module docstring)."""
+    total = math.fsum(weights)
+    if not weights or total <= 0:
+        raise ValueError(f"weights {tuple(weights)}: need a positive total")
+    return tuple(w / total for w in weights)
+
+
+def average(
+    inputs: Iterable[torch.Tensor],
+    weights: Sequence[float],
+    dtype: torch.dtype,
+    pool: BufferPool | None = None,
+) -> torch.Tensor:
+    """(sum_i w_i * x_i) / sum_i w_i, summed in fp64 in the given order, correctly rounded
+    once to `dtype`.
+
+    Raw weights are summed first and divided once at the end: with integer weights the sum
+    of fp32 (or bf16) inputs is exact in fp64, so the one division rounds correctly, ties
+    included; multiplying by pre-normalised weights such as 1/3 would not.
+    `inputs` is read lazily, one tensor at a time: a caller may fill one buffer for each.
+    With `pool`, the result lives in its buffers (valid until the next call on that pool).
+    """
+    pool = pool if pool is not None else BufferPool(0)
+    acc: torch.Tensor | None = None
+    promoted: torch.Tensor | None = None
+    for x, w in zip(inputs, weights, strict=True):
+        if acc is None:
+            acc = pool.get("acc", ACC_DTYPE, x.shape)
+            promoted = pool.get("promoted", ACC_DTYPE, x.shape)
+            accumulate(acc, x, w, first=True)
+        else:
+            accumulate(acc, x, w, promoted)
+    if acc is None:
+        raise ValueError("an average needs at least one input")
+    return Rounder(pool).round(acc, dtype, divisor=math.fsum(weights), consume=True)
+
+
 def slerp_pair(d1: torch.Tensor, d2: torch.Tensor, t: float) -> torch.Tensor:
     """WARP's SLERP of two task vectors: sin((1-t)W)/sin(W) * d1 + sin(tW)/sin(W) * d2.
 
@@ -225,12 +257,14 @@ def slerp_task_vectors(deltas: Iterable[torch.Tensor], weights: Sequence[float])
 
 def slerp_merge(
     init: torch.Tensor,
-    members: Sequence[torch.Tensor],
+    members: Iterable[torch.Tensor],
     weights: Sequence[float],
-    compute_dtype: torch.dtype,
+    dtype: torch.dtype,
     eta: float = 1.0,
 ) -> torch.Tensor:
-    """init + eta * SLERP of the task vectors (members - init), in compute_dtype."""
-    base = init.to(compute_dtype)
-    deltas = [m.to(compute_dtype) - base for m in members]
-    return base + eta * slerp_task_vectors(deltas, weights)
+    """init + eta * SLERP of the task vectors (members - init), computed in fp64 and
+    correctly rounded to `dtype`. `members` is read lazily, one tensor at a time (those of
+    zero weight too: skip them before, to save the read)."""
+    base = init.to(ACC_DTYPE)
+    deltas = (m.to(ACC_DTYPE) - base for m in members)
+    return round_to(base + eta * slerp_task_vectors(deltas, weights), dtype)

@@ -1,9 +1,11 @@
-"""Sharded, streaming, atomic output of safetensors files.
+"""The artifact on disk: sharded, streaming, atomic output of safetensors files.
 
 safetensors' own writers need every tensor of a shard in memory; the merger produces each
 tensor in chunks, so shards are written here: header first (all shapes are known up front),
-then tensor bytes in header order, chunk by chunk. The whole artifact is written into a
-temporary directory beside the destination and renamed into place only when complete.
+then tensor bytes in header order, chunk by chunk. `ArtifactWriter` owns everything in the
+artifact directory (shards, index, config, tokenizer files, manifest) and every thread that
+writes or hashes it; the directory is written beside the destination and renamed into place
+only when complete.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import shutil
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +28,18 @@ from typing import IO
 
 import torch
 
+from merger.checkpoints import CONFIG_NAME, INDEX_NAME
 from merger.dtypes import itemsize, to_torch
 from merger.errors import MergeError
-
-INDEX_NAME = "model.safetensors.index.json"
+from merger.hashing import sha256_file
+from merger.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    MergeRecord,
+    build_manifest,
+    manifest_bytes,
+    shard_metadata,
+)
 
 
 @dataclass(frozen=True)
@@ -134,8 +145,8 @@ class ShardWriter:
     `complete`.
 
     The header's metadata is only final once the inputs are hashed, so the shard is written
-    with a draft header of the same length; `seal` (on another thread) writes the final one
-    and hashes the file while the tensors are still being appended, following the writer.
+    with a draft header of the same length; `finalize` (on another thread) writes the final
+    one and hashes the file while the tensors are still being appended, following the writer.
     """
 
     def __init__(self, path: Path, shard: ShardPlan, metadata: dict[str, str]) -> None:
@@ -248,7 +259,7 @@ class ShardWriter:
             self._grown.notify_all()
         self._thread.join()
 
-    def seal(self, metadata: dict[str, str], stop: threading.Event) -> str:
+    def finalize(self, metadata: dict[str, str], stop: threading.Event) -> str:
         """Write the final header, hash the shard as it grows, fsync; return its SHA-256.
 
         Runs beside the writer and returns once `complete` was called and every byte is
@@ -292,8 +303,8 @@ class ShardWriter:
             self._grown.notify_all()
 
     def close(self) -> None:
-        """Stop the writing thread and close the file descriptor (after `seal` returned,
-        or after `abort`)."""
+        """Stop the writing thread and close the file descriptor (after `finalize`
+        returned, or after `abort`)."""
         self._stop_thread()
         if self._fd >= 0:
             os.close(self._fd)
@@ -360,6 +371,109 @@ class AtomicDirectory:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+class ArtifactWriter:
+    """One artifact directory, written atomically, and every thread that writes or hashes it.
+
+    Inside `with`: `open_shard` each planned shard in turn and write its tensors; each shard
+    is finalised (final header, SHA-256) on this writer's thread as it grows, once
+    `final_record` (called there, blocking until the inputs are hashed) returns. Then
+    `finish` writes the index, config.json, tokenizer files and the manifest. Leaving the
+    block renames the directory into place; on an exception nothing is left behind.
+    """
+
+    def __init__(
+        self,
+        destination: Path,
+        shards: Sequence[ShardPlan],
+        draft: MergeRecord,
+        final_record: Callable[[], MergeRecord],
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        """`draft`: the record in each shard's header until it is finalised (same size)."""
+        self._directory = AtomicDirectory(destination, overwrite=overwrite)
+        self._shards = tuple(shards)
+        self._draft = shard_metadata(draft)
+        self._final_record = final_record
+        self._stop = threading.Event()
+        self._writers: list[ShardWriter] = []
+        self._digests: list[Future[str]] = []
+        self._finalizing: ThreadPoolExecutor | None = None
+        self._manifest: Manifest | None = None
+
+    def __enter__(self) -> ArtifactWriter:
+        self._directory.__enter__()
+        self._finalizing = ThreadPoolExecutor(1, thread_name_prefix="warm-merge-finalize")
+        return self
+
+    def open_shard(self, shard: ShardPlan) -> ShardWriter:
+        """The writer of the next planned shard; its finalisation starts now."""
+        if self._finalizing is None or len(self._writers) >= len(self._shards):
+            raise MergeError(f"{shard.name}: not the next planned shard of this artifact")
+        if shard != self._shards[len(self._writers)]:
+            raise MergeError(f"{shard.name}: shards must be written in their planned order")
+        writer = ShardWriter(self._directory.path / shard.name, shard, self._draft)
+        self._writers.append(writer)
+        self._digests.append(self._finalizing.submit(self._finalize, writer))
+        return writer
+
+    def _finalize(self, writer: ShardWriter) -> str:
+        return writer.finalize(shard_metadata(self._final_record()), self._stop)
+
+    def finish(
+        self, record: MergeRecord, config: bytes | None, aux_files: Mapping[str, Path]
+    ) -> Manifest:
+        """After every shard is complete: wait for their digests, then write the index (when
+        sharded), `config` (None: none) and `aux_files` (tokenizer files, by name; a
+        config.json among them is skipped), and the manifest over all of them."""
+        if len(self._writers) != len(self._shards):
+            raise MergeError(f"{len(self._writers)} of {len(self._shards)} shards written")
+        digests = {
+            w.path.name: d.result() for w, d in zip(self._writers, self._digests, strict=True)
+        }
+        self._close_writers()
+        directory = self._directory
+        if len(self._shards) > 1:
+            directory.write_file(INDEX_NAME, index_json(self._shards, {}))
+        if config is not None:
+            directory.write_file(CONFIG_NAME, config)
+        for name, src in sorted(aux_files.items()):
+            if name != CONFIG_NAME:
+                directory.write_file(name, src.read_bytes())
+        others = (p for p in sorted(directory.path.iterdir()) if p.name not in digests)
+        written = digests | {p.name: sha256_file(p) for p in others}
+        self._manifest = build_manifest(record, written)
+        directory.write_file(MANIFEST_NAME, manifest_bytes(self._manifest))
+        return self._manifest
+
+    def _close_writers(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, self._finalizing = self._finalizing, None
+        failed = exc_type is not None or self._manifest is None
+        try:
+            if failed:
+                self._stop.set()
+                for writer in self._writers:
+                    writer.abort()
+                wait(self._digests)
+        finally:
+            self._close_writers()
+            if pool is not None:
+                pool.shutdown(wait=True)
+        if exc_type is None and self._manifest is None:
+            self._directory.__exit__(MergeError, None, None)
+            raise MergeError("the artifact was left unfinished; nothing was written")
+        self._directory.__exit__(exc_type, exc, tb)
 
 
 @contextmanager

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from merger.checkpoints import TOKENIZER_FILES, sha256_file
+from merger.checkpoints import TOKENIZER_FILES
 from merger.errors import VerifyError
+from merger.hashing import sha256_file
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from merger.scoring import filler_id
 from service.backends.base import Backend

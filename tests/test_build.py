@@ -16,13 +16,15 @@ from conftest import load_state, make_rm
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merger import build, checkpoints
-from merger.build import plan_merge, run_merge
-from merger.checkpoints import FileHashes, TensorReader, input_files
+from merger import build, hashing
+from merger.build import run_merge
+from merger.checkpoints import TensorReader, input_files
 from merger.config import MergeSpec, Method
 from merger.errors import MergeError
+from merger.hashing import FileHashes
 from merger.manifest import MANIFEST_NAME, read_manifest, verify_artifact
 from merger.methods import slerp_merge
+from merger.plan import plan_merge
 
 ULP_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -353,13 +355,13 @@ def test_hashes_started_early_are_used_not_redone(
     with FileHashes(files) as hashes:
         digests = {f: hashes.get(f) for f in files}  # all hashed before the merge starts
         rehashed: list[Path] = []
-        original = checkpoints._sha256_and_identity
+        original = hashing._sha256_and_identity
 
         def counting(path: Path, stop: threading.Event | None = None) -> tuple[str, Any]:
             rehashed.append(path)
             return original(path, stop)
 
-        monkeypatch.setattr(checkpoints, "_sha256_and_identity", counting)
+        monkeypatch.setattr(hashing, "_sha256_and_identity", counting)
         run_merge(plan_merge(MergeSpec(inputs=(a, b))), tmp_path / "early", hashes=hashes)
     assert not set(rehashed) & set(files)
     manifest = read_manifest(tmp_path / "early")
@@ -395,7 +397,7 @@ def test_helpers_average_beside_the_hashing_only_once_it_is_done() -> None:
     assert build._helpers_now(1, hashing) == 1
 
 
-def test_lend_cancels_the_helpers_share_when_this_thread_is_interrupted(
+def test_run_on_all_cancels_the_helpers_share_when_this_thread_is_interrupted(
     gpt2_members: list[Path],
 ) -> None:
     plan = plan_merge(MergeSpec(inputs=tuple(gpt2_members[:2])))
@@ -411,7 +413,7 @@ def test_lend_cancels_the_helpers_share_when_this_thread_is_interrupted(
         averagers = build._Averagers(build._Context(plan, reader, lambda n: None), 2, lambda: 2)
         try:
             with pytest.raises(KeyboardInterrupt):
-                averagers.lend(work, cancelled.set)
+                averagers.run_on_all(work, cancelled.set)
         finally:
             averagers.close()
     assert helper_saw_cancel == [True, True]

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import make_rm
 
-from merger.checkpoints import FileHashes, file_identity, input_files, open_checkpoint
+from merger.checkpoints import input_files, open_checkpoint
 from merger.errors import MergeError
+from merger.hashing import FileHashes, file_identity
 
 
 def test_input_files_lists_what_open_checkpoint_hashes(
@@ -43,7 +44,7 @@ def test_input_files_refuses_what_open_checkpoint_refuses(tmp_path: Path) -> Non
         assert str(found.value) == str(expected.value)
 
 
-def test_file_hashes_are_sha256_with_a_second_thread_assisting(tmp_path: Path) -> None:
+def test_file_hashes_are_sha256_with_a_second_thread_joining_in(tmp_path: Path) -> None:
     sizes = [0, 1, 3 << 20, (1 << 20) + 7, 12345]
     files = []
     for i, size in enumerate(sizes):
@@ -52,9 +53,9 @@ def test_file_hashes_are_sha256_with_a_second_thread_assisting(tmp_path: Path) -
     outside = tmp_path / "outside"
     outside.write_bytes(b"not in the set")
     with FileHashes(files) as hashes:
-        helper = threading.Thread(target=hashes.assist)
+        helper = threading.Thread(target=hashes.hash_pending)
         helper.start()
-        hashes.assist()
+        hashes.hash_pending()
         helper.join()
         for f in [*files, outside]:
             assert hashes.get(f) == hashlib.sha256(f.read_bytes()).hexdigest(), f.name
@@ -109,13 +110,13 @@ def test_the_cli_starts_hashing_before_importing_torch(
     ]
     code = (
         "import sys\n"
-        "from merger import checkpoints\n"
-        "start = checkpoints.FileHashes.__init__\n"
+        "from merger import hashing\n"
+        "start = hashing.FileHashes.__init__\n"
         "def init(self, files):\n"
         "    files = list(files)\n"
         "    print('hashing', len(files), 'files; torch imported:', 'torch' in sys.modules)\n"
         "    start(self, files)\n"
-        "checkpoints.FileHashes.__init__ = init\n"
+        "hashing.FileHashes.__init__ = init\n"
         "from merger.cli import app\n"
         "app(sys.argv[1:])\n"
     )

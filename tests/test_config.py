@@ -23,12 +23,6 @@ def test_parse_size() -> None:
         parse_size("lots")
 
 
-def test_weights_are_normalised_to_the_simplex() -> None:
-    spec = MergeSpec(inputs=(A, B, C), weights=(2.0, 1.0, 1.0))
-    assert spec.normalized_weights() == (0.5, 0.25, 0.25)
-    assert MergeSpec(inputs=(A, B)).normalized_weights() == (0.5, 0.5)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

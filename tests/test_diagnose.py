@@ -10,7 +10,7 @@ import torch
 from conftest import CORPUS, make_rm
 from typer.testing import CliRunner
 
-from merger.build import plan_merge, run_merge
+from merger.build import run_merge
 from merger.cli import app
 from merger.config import MergeSpec
 from merger.diagnose import (
@@ -28,6 +28,7 @@ from merger.diagnose import (
     write_report,
 )
 from merger.errors import MergeError
+from merger.plan import plan_merge
 
 PAIRS = [
     Preference(prompt=f"Question {i}: what does it do?", chosen=CORPUS[i * 7], rejected=CORPUS[-i])

@@ -21,9 +21,10 @@ from families import FAMILIES, make_family_rm, tokenizer_of
 from live import Live, live_server
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from merger.build import plan_merge, run_merge
+from merger.build import run_merge
 from merger.config import MergeSpec
 from merger.manifest import verify_artifact
+from merger.plan import plan_merge
 from merger.scoring import RewardForward, attention_implementation
 from service.protocol import ScoreResponse
 from service.settings import Settings

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import make_rm
 
-from merger.build import plan_merge, run_merge
+from merger.build import run_merge
 from merger.config import MergeSpec
 from merger.manifest import verify_artifact
+from merger.plan import plan_merge
 from service.fetch import FetchError, fetch
 
 

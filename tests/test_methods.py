@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from fractions import Fraction
 
 import pytest
 import torch
 
 from merger.methods import (
-    ACC_DTYPE,
     BufferPool,
     Rounder,
     accumulate,
+    average,
     liti_weights,
     round_to,
+    simplex,
     slerp_merge,
     slerp_pair,
     slerp_task_vectors,
-    weighted_average,
 )
+
+
+def test_weights_are_normalised_to_the_simplex() -> None:
+    assert simplex((2.0, 1.0, 1.0)) == (0.5, 0.25, 0.25)
+    assert simplex((1.0, 1.0)) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="positive total"):
+        simplex((0.0, 0.0))
 
 
 def test_weighted_average_hand_values() -> None:
     a = torch.tensor([1.0, 2.0, -4.0])
     b = torch.tensor([3.0, 6.0, 8.0])
-    out = weighted_average([a, b], [1.0, 3.0], torch.float32)  # (1*a + 3*b) / 4
+    out = average([a, b], [1.0, 3.0], torch.float32)  # (1*a + 3*b) / 4
     assert out.tolist() == [2.5, 5.0, 5.0]
 
 
@@ -33,7 +41,7 @@ def test_weighted_average_of_bf16_is_computed_in_the_accumulator_dtype() -> None
     # 1 + 2^-8 is exact in fp32 but not in bf16 (8 mantissa bits): no bf16 arithmetic.
     a = torch.tensor([1.0], dtype=torch.bfloat16)
     b = torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16)
-    out = weighted_average([a, b], [1.0, 1.0], torch.float32)
+    out = average([a, b], [1.0, 1.0], torch.float32)
     assert out.dtype == torch.float32
     assert out.item() == 1.0 + 2**-8
 
@@ -45,8 +53,11 @@ def test_fp64_accumulation_gives_the_correctly_rounded_fp32_mean() -> None:
     expected = torch.tensor(float(exact), dtype=torch.float32).item()
     xs = [torch.tensor([v], dtype=torch.float32) for v in values]
     w = [1.0, 1.0, 1.0]
-    in_fp32 = weighted_average(xs, w, torch.float32).item()
-    in_fp64 = weighted_average(xs, w, ACC_DTYPE).to(torch.float32).item()
+    in_fp32 = torch.zeros(1, dtype=torch.float32)  # the same sum, accumulated in fp32
+    for x, weight in zip(xs, w, strict=True):
+        accumulate(in_fp32, x, weight)
+    in_fp32 = in_fp32.div_(3).item()
+    in_fp64 = average(xs, w, torch.float32).item()
     assert in_fp32 != expected
     assert in_fp64 == expected == float.fromhex("0x1.aa4564p-3")
 
@@ -246,3 +257,34 @@ def test_slerp_merge_adds_init_and_scales_by_eta() -> None:
     assert full.tolist() == pytest.approx([10 + s, 10 + s])
     half = slerp_merge(init, members, [0.5, 0.5], torch.float64, eta=0.5)
     assert half.tolist() == pytest.approx([10 + s / 2, 10 + s / 2])
+
+
+def test_average_reads_its_inputs_one_at_a_time_as_the_merge_does() -> None:
+    # The streaming merge fills one buffer per input in turn; the result is the same as
+    # averaging separate tensors, and lands in the pool's buffers.
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 7, generator=gen, dtype=torch.float32) for _ in range(3)]
+    buffer = torch.empty(5, 7)
+
+    def one_buffer() -> Iterator[torch.Tensor]:
+        for x in xs:
+            yield buffer.copy_(x)
+
+    pool = BufferPool(64)
+    streamed = average(one_buffer(), [1.0, 2.0, 3.0], torch.bfloat16, pool)
+    exact = (xs[0].double() + 2 * xs[1].double() + 3 * xs[2].double()) / 6
+    assert torch.equal(streamed, round_to(exact, torch.bfloat16))
+    assert streamed.data_ptr() == pool.get("rounded", torch.bfloat16, (5, 7)).data_ptr()
+    with pytest.raises(ValueError, match="at least one input"):
+        average([], [], torch.float32)
+
+
+def test_slerp_merge_is_computed_in_fp64_and_rounded_once() -> None:
+    gen = torch.Generator().manual_seed(1)
+    init = torch.randn(64, generator=gen).to(torch.bfloat16)
+    members = [init.float() + 0.01 * torch.randn(64, generator=gen) for _ in range(2)]
+    base = init.double()
+    exact = base + 0.5 * slerp_task_vectors([m.double() - base for m in members], [1.0, 1.0])
+    got = slerp_merge(init, iter(members), [1.0, 1.0], torch.bfloat16, eta=0.5)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, round_to(exact, torch.bfloat16))

@@ -17,9 +17,10 @@ from conftest import make_rm
 from live import Live, live_server
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merger.build import plan_merge, run_merge
+from merger.build import run_merge
 from merger.config import MergeSpec
 from merger.formatting import render
+from merger.plan import plan_merge
 from service.protocol import GetRewardResponse, ModelList, RerankResponse, ScoreResponse
 from service.settings import Settings
 

@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 from merger import writer as writer_module
 from merger.errors import MergeError
-from merger.writer import PlannedTensor, ShardPlan, ShardWriter
+from merger.manifest import MANIFEST_NAME, MergeRecord, verify_artifact
+from merger.writer import ArtifactWriter, PlannedTensor, ShardPlan, ShardWriter, plan_shards
 
 SHARD = ShardPlan(
     "model.safetensors",
@@ -27,13 +28,13 @@ DRAFT = {"hash": "0" * 64}
 FINAL = {"hash": "f" * 64}  # same length as the draft: the header keeps its size
 
 
-def test_seal_hashes_the_final_file_while_it_is_written(tmp_path: Path) -> None:
+def test_finalize_hashes_the_final_file_while_it_is_written(tmp_path: Path) -> None:
     path = tmp_path / SHARD.name
     writer = ShardWriter(path, SHARD, DRAFT)
     a = torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)
     b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16)
     with ThreadPoolExecutor(1) as pool:
-        sealed = pool.submit(writer.seal, FINAL, threading.Event())
+        sealed = pool.submit(writer.finalize, FINAL, threading.Event())
         for rows in range(0, 64, 4):  # in chunks, as the merge writes
             writer.write("a", a[rows : rows + 4])
         writer.write("b", b)
@@ -47,10 +48,10 @@ def test_seal_hashes_the_final_file_while_it_is_written(tmp_path: Path) -> None:
         assert torch.equal(fh.get_tensor("b"), b)
 
 
-def test_seal_stops_when_the_write_is_aborted(tmp_path: Path) -> None:
+def test_finalize_stops_when_the_write_is_aborted(tmp_path: Path) -> None:
     writer = ShardWriter(tmp_path / SHARD.name, SHARD, DRAFT)
     with ThreadPoolExecutor(1) as pool:
-        sealed = pool.submit(writer.seal, FINAL, threading.Event())
+        sealed = pool.submit(writer.finalize, FINAL, threading.Event())
         writer.write("a", torch.zeros(8, 1024))
         writer.abort()
         with pytest.raises(MergeError, match="aborted"):
@@ -58,12 +59,12 @@ def test_seal_stops_when_the_write_is_aborted(tmp_path: Path) -> None:
     writer.close()
 
 
-def test_seal_stops_when_asked(tmp_path: Path) -> None:
+def test_finalize_stops_when_asked(tmp_path: Path) -> None:
     writer = ShardWriter(tmp_path / SHARD.name, SHARD, DRAFT)
     stop = threading.Event()
     stop.set()
     with pytest.raises(MergeError, match="aborted"):
-        writer.seal(FINAL, stop)
+        writer.finalize(FINAL, stop)
     writer.close()
 
 
@@ -73,7 +74,7 @@ def test_incomplete_shard_and_a_resized_header_are_refused(tmp_path: Path) -> No
     with pytest.raises(MergeError, match="tensor b was not fully written"):
         writer.complete()
     with pytest.raises(MergeError, match="final header changed size"):
-        writer.seal({"hash": "f" * 80}, threading.Event())
+        writer.finalize({"hash": "f" * 80}, threading.Event())
     writer.close()
 
 
@@ -166,3 +167,55 @@ def test_chunks_waiting_for_the_disk_are_bounded(
     writer.close()
     with safe_open(str(path), framework="pt") as fh:
         assert torch.equal(fh.get_tensor("a"), a)
+
+
+def _record() -> MergeRecord:
+    return MergeRecord(
+        tool_version="0", method="average", weights=[1.0], inputs=[], output_dtype="F32", config={}
+    )
+
+
+def test_artifact_writer_writes_every_file_and_its_manifest(tmp_path: Path) -> None:
+    shards = plan_shards([PlannedTensor("a", "F32", (4,)), PlannedTensor("b", "F32", (4,))], 16)
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    out = tmp_path / "artifact"
+    with ArtifactWriter(out, shards, _record(), _record) as artifact:
+        for shard in shards:
+            writer = artifact.open_shard(shard)
+            for tensor in shard.tensors:
+                writer.write(tensor.name, torch.ones(4))
+            writer.complete()
+        manifest = artifact.finish(_record(), b"{}\n", {"tokenizer.json": tokenizer})
+        assert not out.exists()  # renamed into place on leaving the block only
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([*manifest.files, MANIFEST_NAME])
+    assert sorted(manifest.files) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ]
+    verify_artifact(out)
+
+
+def test_an_unfinished_or_failed_artifact_leaves_nothing(tmp_path: Path) -> None:
+    shards = plan_shards([PlannedTensor("a", "F32", (4,))], 1 << 20)
+    out = tmp_path / "artifact"
+
+    def unfinished() -> None:
+        with ArtifactWriter(out, shards, _record(), _record) as artifact:
+            writer = artifact.open_shard(shards[0])
+            writer.write("a", torch.ones(4))
+            writer.complete()
+
+    def out_of_order() -> None:
+        with ArtifactWriter(out, shards, _record(), _record) as artifact:
+            artifact.open_shard(ShardPlan("other.safetensors", ()))
+
+    with pytest.raises(MergeError, match="unfinished"):
+        unfinished()
+    with pytest.raises(MergeError, match="planned order"):
+        out_of_order()
+    assert list(tmp_path.iterdir()) == []

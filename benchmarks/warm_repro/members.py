@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from merger.build import plan_merge, run_merge
+from merger.build import run_merge
 from merger.config import MergeSpec
 from merger.manifest import MANIFEST_NAME
+from merger.plan import plan_merge
 from merger.recipe import prefdata
 from merger.recipe.finetune import FinetuneReport, FinetuneSpec, finetune, load_rm, pair_rewards
 from merger.recipe.prefdata import PrefPair

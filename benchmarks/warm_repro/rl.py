@@ -23,7 +23,7 @@ import torch
 from experiments import win_rate
 from oracle_server import create_oracle_app
 
-from merger.checkpoints import sha256_file
+from merger.hashing import sha256_file
 from merger.recipe.prefdata import oracle
 from service.app import create_app
 from service.loopback import serve

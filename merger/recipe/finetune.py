@@ -35,10 +35,11 @@ from typing import Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from merger.build import plan_merge, run_merge
+from merger.build import run_merge
 from merger.config import MergeSpec
 from merger.diagnose import pairwise_accuracy
 from merger.formatting import DEFAULT_SEPARATOR, TokenLayout, render
+from merger.plan import plan_merge
 from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
