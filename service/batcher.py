@@ -2,10 +2,10 @@
 
 Requests are admitted (or refused with 429) as a whole (`admission`), then their items
 wait in one queue. The scheduler, on the event loop, keeps the next batch staged while the
-model runs the current one (`batching.form_batch` picks it), and re-forms the staged batch
-when new items could improve it, until a model thread takes it. Usually one model thread
-runs the forwards; on a CPU several may, sharing the torch threads (`cores.CoreShare`),
-and work that fits one batch is split into one piece per free thread.
+model runs the current one, and re-forms the staged batch when new items could improve it,
+until a model thread takes it. The policy (what goes, and when) is `batching.next_batch`;
+who runs it, and on how many threads, is `cores.ForwardSlots` (one forward at a time, or on
+a CPU several side by side, sharing the torch threads).
 Items whose request was cancelled (client gone, deadline passed) are dropped before compute.
 A failing forward pass fails the requests in that batch only.
 """
@@ -18,14 +18,14 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.admission import Admission, Job, QueueLimits, new_job
 from service.backends.base import Backend
-from service.batching import BatchLimits, form_batch
-from service.cores import CoreShare
+from service.batching import BatchLimits, is_full, next_batch
+from service.cores import CoreShare, ForwardSlots, Grant, OneForward
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 
@@ -44,8 +44,8 @@ class Work:
 
 
 class Batcher:
-    """Owns the queue, the scheduler task and the model threads (one, or on a CPU a primary
-    and the side workers of a `CoreShare`)."""
+    """Owns the queue, the scheduler task and the model threads (a primary, and the side
+    workers its `ForwardSlots` has)."""
 
     def __init__(
         self,
@@ -56,7 +56,7 @@ class Batcher:
         cores: CoreShare | None = None,
     ) -> None:
         """`cores`: run up to `cores.workers` forwards at once, sharing its threads (CPU);
-        None: one forward at a time, on the backend's own threads."""
+        None: one forward at a time, on the backend's own threads (`OneForward`)."""
         self.backend = backend
         self.limits = limits
         self.queue = queue
@@ -64,15 +64,13 @@ class Batcher:
         self.admission = Admission(queue, metrics)
         self._pending: list[Work] = []
         self._staged: list[Work] | None = None
-        self._cores = cores
-        self._workers = 1 if cores is None else cores.workers
-        self._running = 0  # forwards in flight
+        self._slots: ForwardSlots = cores if cores is not None else OneForward()
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # guards the state; the primary waits on it
         self._side = threading.Condition(lock)  # model threads beside the primary wait on it
         self._wake = asyncio.Event()
         self._seq = 0
-        self._due = -1  # items up to this seq were due as one batch when it was split
+        self._split_until = -1  # items up to this seq were split from one batch: they go now
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[Future[None]] = []
         self._side_pool: ThreadPoolExecutor | None = None
@@ -89,11 +87,10 @@ class Batcher:
         """
         self._loop = asyncio.get_running_loop()
         self._threads = [model_thread.submit(self._run_model, 0)]
-        if self._workers > 1:
-            self._side_pool = ThreadPoolExecutor(
-                self._workers - 1, thread_name_prefix="warm-model-side"
-            )
-            side = range(1, self._workers)
+        workers = self._slots.workers
+        if workers > 1:
+            self._side_pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="warm-model-side")
+            side = range(1, workers)
             self._threads += [self._side_pool.submit(self._run_model, w) for w in side]
         self._scheduler = asyncio.create_task(self._schedule(), name="warm-scheduler")
 
@@ -105,7 +102,7 @@ class Batcher:
         for index, ids in enumerate(sequences):
             self._pending.append(Work(job, index, ids, self._seq))
             self._seq += 1
-        if self._staged is None and self._taker() is not None:
+        if self._staged is None and self._slots.ready_worker() is not None:
             self._restage_guarded()  # an idle model gets its batch now, not a loop turn later
         else:
             self._wake.set()
@@ -166,66 +163,43 @@ class Batcher:
     def _restage(self) -> None:
         with self._cond:
             staged, self._staged = self._staged, None
-            if staged is not None and self._full(staged):
+            if staged is not None and is_full([len(w.ids) for w in staged], self.limits):
                 self._staged = staged  # nothing new can improve a full batch
                 return
-            busy = self._taker() is None  # no model thread could start a batch now
-            pieces = self._pieces()
+            busy = self._slots.ready_worker() is None  # no model thread could start one now
+            pieces = self._slots.pieces()
         if staged:
             self._pending = sorted(staged + self._pending, key=lambda w: w.seq)
         self._drop_stale()
         if not self._pending:
             return
-        lengths = [len(w.ids) for w in self._pending]
-        chosen = form_batch(lengths, self.limits)
-        batch = [self._pending[i] for i in chosen]
-        oldest_wait = time.monotonic() - self._pending[0].admitted
-        due = self._pending[0].seq <= self._due  # the rest of a batch already split: go
-        if not (busy or due or self._full(batch)) and oldest_wait < self.queue.max_wait_s:
+        decision = next_batch(
+            [len(w.ids) for w in self._pending],
+            self.limits,
+            waited_s=time.monotonic() - self._pending[0].admitted,
+            max_wait_s=self.queue.max_wait_s,
+            busy=busy,
+            due=self._pending[0].seq <= self._split_until,
+            pieces=pieces,
+        )
+        if not decision.batch:
             assert self._loop is not None
-            self._loop.call_later(self.queue.max_wait_s - oldest_wait, self._wake.set)
+            self._loop.call_later(decision.wait_s, self._wake.set)
             return
-        if pieces > 1 and len(chosen) == len(lengths) and len(chosen) > 1:
-            # All the work there is fits one batch: one piece per free thread. The smallest
-            # goes first, so that the primary counts the rest as queued behind it.
-            piece = replace(self.limits, max_batch_size=max(1, len(chosen) // pieces))
-            chosen = form_batch(lengths, piece)
-            batch = [self._pending[i] for i in chosen]
-            self._due = max(w.seq for w in self._pending)
-        taken = set(chosen)
+        if decision.split:
+            self._split_until = max(w.seq for w in self._pending)
+        batch = [self._pending[i] for i in decision.batch]
+        taken = set(decision.batch)
         self._pending = [w for i, w in enumerate(self._pending) if i not in taken]
         with self._cond:
             self._staged = batch
-            taker = self._taker()
-            if taker is not None:
-                taker.notify()
+            self._wake_worker()
 
-    def _pieces(self) -> int:
-        """Into how many forwards side by side the work goes when it all fits one batch.
-
-        With as many model workers as threads, one per free thread: pieces on one thread
-        each finish sooner together than one batch over those threads (`service.cores`).
-        Else 1: a lone batch takes the free threads.
-        """
-        cores = self._cores
-        if cores is None or cores.threads != cores.workers:
-            return 1
-        return max(1, cores.free)
-
-    def _taker(self) -> threading.Condition | None:
-        """Where the model thread that can start a batch now waits (None: all are busy)."""
-        if self._cores is None:
-            return self._cond if not self._running else None
-        if not self._cores.running[0]:
-            return self._cond  # the primary starts every batch it can
-        return self._side if self._cores.free and self._running < self._workers else None
-
-    def _full(self, batch: list[Work]) -> bool:
-        longest = max(len(w.ids) for w in batch)
-        return (
-            len(batch) >= self.limits.max_batch_size
-            or longest * (len(batch) + 1) > self.limits.max_batch_tokens
-        )
+    def _wake_worker(self) -> None:
+        """Wake the model thread that can start the staged batch now, if any (lock held)."""
+        worker = self._slots.ready_worker()
+        if worker is not None:
+            (self._side if worker else self._cond).notify()
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
@@ -252,7 +226,7 @@ class Batcher:
         assert self._loop is not None
         self.metrics.thread_cpu.register("model")
         while (taken := self._take(worker)) is not None:
-            batch, threads = taken
+            batch, grant = taken
             if self._pending:  # stage the next batch meanwhile (new arrivals wake it anyway)
                 self._loop.call_soon_threadsafe(self._wake.set)
             live = [w for w in batch if not w.job.done]
@@ -261,7 +235,7 @@ class Batcher:
             started = time.monotonic()
             if live:
                 try:
-                    outputs = self.backend.forward([w.ids for w in live], threads)
+                    outputs = self.backend.forward([w.ids for w in live], grant.threads)
                     expected = (len(live), self.backend.info.num_labels)
                     if outputs.shape != expected:
                         raise RuntimeError(f"outputs of shape {outputs.shape}, not {expected}")
@@ -270,32 +244,27 @@ class Batcher:
                     error = exc
             elapsed = time.monotonic() - started
             with self._cond:
-                self._running -= 1
-                if self._cores is not None:
-                    self._cores.give(worker)
-                    if worker:  # its thread may let another side thread start
-                        self._side.notify()
+                self._slots.release(worker)
+                if worker:  # its thread may let another side thread start
+                    self._side.notify()
             self._loop.call_soon_threadsafe(
-                self._complete, batch, live, outputs, error, started, elapsed, threads
+                self._complete, batch, live, outputs, error, started, elapsed, grant
             )
 
-    def _take(self, worker: int) -> tuple[list[Work], int | None] | None:
-        """Wait for the staged batch and the threads to run it on; None: stop this thread."""
+    def _take(self, worker: int) -> tuple[list[Work], Grant] | None:
+        """Wait for the staged batch and the right to run it; None: stop this thread."""
         assert self._loop is not None
         with self._cond:
             while True:
                 if self._staged is not None:
-                    threads = None
-                    if self._cores is not None:
-                        # Batches as large as this one waiting behind it (read without the
-                        # event loop's lock: a hint). A side worker gets a thread only if
-                        # one waits for it: an idle core costs more than a wide team.
-                        behind = len(self._pending) // len(self._staged)
-                        threads = self._cores.take(worker, behind)
-                    if self._cores is None or threads is not None:
+                    # Batches as large as this one waiting behind it (read without the event
+                    # loop's lock: a hint). A side worker gets a thread only if one waits for
+                    # it: an idle core costs more than a wide team.
+                    behind = len(self._pending) // len(self._staged)
+                    grant = self._slots.grant(worker, behind)
+                    if grant is not None:
                         batch, self._staged = self._staged, None
-                        self._running += 1
-                        return batch, threads
+                        return batch, grant
                 elif self.admission.closing:
                     return None
                 # Wake now and then: if shutdown never ran (a forced exit), the closed loop
@@ -314,7 +283,7 @@ class Batcher:
         error: Exception | None,
         started: float,
         elapsed: float,
-        threads: int | None,
+        grant: Grant,
     ) -> None:
         kept = {id(w) for w in live}
         self._drop([w for w in batch if id(w) not in kept])
@@ -331,12 +300,11 @@ class Batcher:
                 self._fail(job, failure)
             return
         # The queue's throughput estimate counts this batch's share of the machine's threads.
-        share = 1.0 if self._cores is None or threads is None else threads / self._cores.threads
-        self.admission.scored(real, elapsed * share)
+        self.admission.scored(real, elapsed * grant.share)
         padded = max(len(w.ids) for w in live) * len(live)
         m = self.metrics
         m.inference_latency.observe(elapsed)
-        m.forwards.labels("all" if threads is None else str(threads)).inc()
+        m.forwards.labels("all" if grant.threads is None else str(grant.threads)).inc()
         m.batch_size.observe(len(live))
         m.batch_tokens.observe(padded)
         m.padding_ratio.observe(1 - real / padded)

@@ -1,4 +1,5 @@
-"""Pure batch forming: which waiting items go into the next forward pass.
+"""The batching policy, as pure functions: which waiting items go into the next forward
+pass (`form_batch`), and whether they go now or wait for company (`next_batch`).
 
 The cost of a forward pass is modelled as `overhead + padded tokens`, where padded tokens
 are (items x longest item) and `overhead` is the fixed cost of a pass expressed in tokens
@@ -12,7 +13,7 @@ by length instead of padded to its longest item.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -71,3 +72,53 @@ def form_batch(lengths: Sequence[int], limits: BatchLimits) -> list[int]:
     row, col = np.unravel_index(int(np.argmax(count_of_best == count_of_best.max())), score.shape)
     start, stop = int(starts[row, 0]), int(stops[0, col])
     return [int(i) for i in order[start:stop]]
+
+
+def is_full(lengths: Sequence[int], limits: BatchLimits) -> bool:
+    """Whether no further item could join a batch of these lengths (none as long as its
+    longest would fit)."""
+    return (
+        len(lengths) >= limits.max_batch_size
+        or max(lengths) * (len(lengths) + 1) > limits.max_batch_tokens
+    )
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What the scheduler does with the waiting items now."""
+
+    batch: list[int]  # indices of the items to stage now, as form_batch orders them; [] waits
+    wait_s: float = 0.0  # when waiting: how long until the oldest item may wait no longer
+    split: bool = False  # the batch is one piece of work split across free threads
+
+
+def next_batch(
+    lengths: Sequence[int],
+    limits: BatchLimits,
+    *,
+    waited_s: float,
+    max_wait_s: float,
+    busy: bool,
+    due: bool,
+    pieces: int,
+) -> Dispatch:
+    """Stage a batch now, or wait up to `max_wait_s` (counted from the oldest item, waiting
+    `waited_s` so far) for items to fill it.
+
+    A batch goes now when it is full, when the oldest item has waited long enough, when no
+    model worker is free (it is staged, and re-formed if better company arrives before a
+    worker takes it), or when it is `due` (the rest of work already split). When every
+    waiting item fits one batch and `pieces` > 1 workers are free, it is split: the first
+    piece holds about 1/pieces of the items (the shortest, by `form_batch`), and the rest is
+    due.
+    """
+    if not lengths:
+        return Dispatch([])
+    chosen = form_batch(lengths, limits)
+    full = is_full([lengths[i] for i in chosen], limits)
+    if not (busy or due or full) and waited_s < max_wait_s:
+        return Dispatch([], wait_s=max_wait_s - waited_s)
+    if pieces > 1 and len(chosen) == len(lengths) and len(chosen) > 1:
+        piece = replace(limits, max_batch_size=max(1, len(chosen) // pieces))
+        return Dispatch(form_batch(lengths, piece), split=True)
+    return Dispatch(chosen)

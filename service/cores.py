@@ -1,4 +1,7 @@
-"""How concurrent forward passes share the CPU's torch threads.
+"""Who may start a forward pass, and on how many threads: the batcher's `ForwardSlots`.
+
+`OneForward`: one forward at a time, on the backend's own threads (a GPU; a CPU with one
+model worker). `CoreShare`: on a CPU, concurrent forward passes share the torch threads.
 
 On a CPU, one forward pass over two threads is not twice as fast as over one: its OpenMP
 team meets at a barrier after every operator, so whenever the HTTP front, the tokeniser or
@@ -12,8 +15,8 @@ each idle side worker that one of those batches could keep busy. The side worker
 while the primary is running one, and always on one thread. A forward starts only on a free
 thread, so the cores are never oversubscribed; and only the primary ever runs an OpenMP
 team of several threads (with two such teams, the lone forwards of a 2-core machine took
-twice as long). The batcher, for its part, splits work that fits one batch into a piece
-per free thread when there are as many workers as threads (`Batcher._pieces`).
+twice as long). Work that fits one batch is split into a piece per free thread when there
+are as many workers as threads (`CoreShare.pieces`).
 
 A compiled model has graphs for given thread counts only (dynamo guards on the thread
 count), so with `counts` a forward's threads are rounded down to one of them: for a compiled
@@ -21,6 +24,71 @@ model, every thread (a lone batch), every thread but one per side worker (full l
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A forward's right to run now."""
+
+    threads: int | None  # CPU threads to run on (None: the backend's own)
+    share: float  # the fraction of the machine's threads it holds (throughput accounting)
+
+
+class ForwardSlots(Protocol):
+    """Which model worker may start a forward, and on what; the caller holds one lock."""
+
+    @property
+    def workers(self) -> int:
+        """Model threads that run forwards (worker 0 is the primary)."""
+        ...
+
+    def ready_worker(self) -> int | None:
+        """A worker that could start a batch now (None: none could)."""
+        ...
+
+    def grant(self, worker: int, behind: int) -> Grant | None:
+        """Let `worker` start its next forward (None: it must wait for a `release`);
+        `behind`: how many batches like this one are queued behind it."""
+        ...
+
+    def release(self, worker: int) -> None:
+        """`worker`'s forward is done."""
+        ...
+
+    def pieces(self) -> int:
+        """Into how many forwards side by side work that fits one batch should be split."""
+        ...
+
+
+class OneForward:
+    """One forward at a time, on the backend's own threads."""
+
+    workers = 1
+
+    def __init__(self) -> None:
+        self._running = False
+
+    def ready_worker(self) -> int | None:
+        """Worker 0 while it is idle."""
+        return None if self._running else 0
+
+    def grant(self, worker: int, behind: int) -> Grant | None:
+        """Every thread the backend uses, whatever is queued."""
+        if worker != 0 or self._running:
+            raise ValueError(f"worker {worker}: one forward at a time, on worker 0")
+        self._running = True
+        return Grant(threads=None, share=1.0)
+
+    def release(self, worker: int) -> None:
+        """The forward is done."""
+        self._running = False
+
+    def pieces(self) -> int:
+        """Never split: a lone batch takes every thread."""
+        return 1
 
 
 class CoreShare:
@@ -59,6 +127,29 @@ class CoreShare:
         self.free -= taken
         self.running[worker] = taken
         return taken
+
+    def ready_worker(self) -> int | None:
+        """The primary while it is idle (it starts every batch it can); else an idle side
+        worker while a thread is free."""
+        if not self.running[0]:
+            return 0
+        idle = [w for w in range(1, self.workers) if not self.running[w]]
+        return idle[0] if idle and self.free else None
+
+    def grant(self, worker: int, behind: int) -> Grant | None:
+        """`take`, as the batcher asks for it."""
+        threads = self.take(worker, behind)
+        return None if threads is None else Grant(threads, threads / self.threads)
+
+    def release(self, worker: int) -> None:
+        """`give`, as the batcher calls it."""
+        self.give(worker)
+
+    def pieces(self) -> int:
+        """With as many model workers as threads, one per free thread: pieces on one thread
+        each finish sooner together than one batch over those threads. Else 1: a lone batch
+        takes the free threads."""
+        return max(1, self.free) if self.threads == self.workers else 1
 
     def give(self, worker: int) -> int:
         """`worker`'s forward is done; returns the threads it had."""

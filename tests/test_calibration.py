@@ -12,8 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.backends.transformers import TransformersBackend
+from service.budget import Calibration, calibrate, choose_budget
 from service.encoding import Encoder
-from service.loader import Calibration, calibrate, choose_budget, load_model
+from service.loader import load_model
 from service.settings import Settings
 
 
@@ -106,11 +107,11 @@ def test_forwards_that_run_side_by_side_are_timed_on_one_thread_each(
     bert_rm: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(model=bert_rm, device="cpu", torch_threads=2, max_batch_size=4)
-    with caplog.at_level(logging.INFO, logger="service.loader"):
+    with caplog.at_level(logging.INFO, logger="service.budget"):
         loaded = load_model(settings)
     assert loaded.cores is not None and loaded.cores.workers == 2
     assert "-token items on 1 thread(s): 1: " in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="service.loader"):
+    with caplog.at_level(logging.INFO, logger="service.budget"):
         load_model(settings.model_copy(update={"model_workers": 1}))
     assert "-token items on every thread: 1: " in caplog.text
