@@ -211,10 +211,11 @@ def diagnose(
 ) -> None:
     """Linear mode connectivity: accuracy of weight vs reward averaging along lambda."""
     from merger.diagnose import diagnose as run_diagnose
-    from merger.diagnose import lambda_grid, load_preferences, write_report
+    from merger.diagnose import lambda_grid, write_report
+    from merger.preferences import read_preferences
 
     try:
-        prefs = load_preferences(data)
+        prefs = read_preferences(data)
         with err.status(f"scoring {len(prefs)} pairs with {len(checkpoints)} models"):
             diag = run_diagnose(
                 checkpoints,

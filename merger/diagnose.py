@@ -15,20 +15,20 @@ path that `warm-merge build` takes.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file
 
 from merger.checkpoints import Checkpoint, check_compatible, open_checkpoint
 from merger.errors import MergeError
 from merger.formatting import DEFAULT_SEPARATOR, render
 from merger.methods import average
+from merger.preferences import Preference
 from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
@@ -36,16 +36,6 @@ JSON_NAME = "diagnose.json"
 PNG_NAME = "diagnose.png"
 
 State = dict[str, torch.Tensor]
-
-
-class Preference(BaseModel):
-    """One labelled comparison: `chosen` is the better response to `prompt` (extra keys ignored)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 class MemberResult(BaseModel):
@@ -83,35 +73,6 @@ class Diagnosis(BaseModel):
     curve: list[CurvePoint]
     barrier: float = Field(description="Max of chord - WA accuracy; <= 0: linearly connected.")
     uniform: UniformResult | None = None
-
-
-def load_preferences(path: Path) -> list[Preference]:
-    """Read JSONL preference pairs ({prompt, chosen, rejected} per line; blank lines skipped)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read preference data ({exc})") from exc
-    prefs = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
-            )
-        try:
-            prefs.append(Preference.model_validate(record))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{path}:{lineno}: field {field}: {first['msg']}") from exc
-    if not prefs:
-        raise ValueError(f"{path}: no preference pairs (the file is empty)")
-    return prefs
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -178,7 +139,9 @@ def _load_into(model: Any, state: State, source: str) -> None:
         ) from exc
 
 
-def _validate_args(checkpoints: list[Path], data: list[Preference], lambdas: list[float]) -> None:
+def _validate_args(
+    checkpoints: list[Path], data: Sequence[Preference], lambdas: list[float]
+) -> None:
     if len(checkpoints) < 2:
         raise ValueError(f"diagnose needs at least two checkpoints, got {len(checkpoints)}")
     if not data:
@@ -192,7 +155,7 @@ def _validate_args(checkpoints: list[Path], data: list[Preference], lambdas: lis
 
 def diagnose(
     checkpoints: list[Path],
-    data: list[Preference],
+    data: Sequence[Preference],
     *,
     lambdas: list[float],
     batch_size: int = 16,

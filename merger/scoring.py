@@ -30,6 +30,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when present, else CPU; CUDA asked for but absent is a ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available")
+    return torch.device(name)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last attended position, shape (batch,); padding may be on either side.
 

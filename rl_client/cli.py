@@ -85,7 +85,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> None:
             raise ValueError(f"prompt {missing[0] + 1} has no candidates: give --policy")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from rl_client.trainer import resolve_device
+        from merger.scoring import resolve_device
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
         model: Any = AutoModelForCausalLM.from_pretrained(cfg.policy)

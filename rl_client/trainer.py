@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from merger.scoring import resolve_device
 from rl_client import checkpoint
 from rl_client.client import RewardClient, ScoreBatch
 from rl_client.config import TrainConfig
@@ -50,13 +51,6 @@ class Scorer(Protocol):
     def score_future(self, items: Sequence[Item], **options: Any) -> Future[ScoreBatch]:
         """Start scoring `items`; the future holds one result (or None) per item."""
         ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def timed(future: Future[ScoreBatch]) -> Callable[[], float]:

@@ -18,9 +18,9 @@ from merger.checkpoints import TOKENIZER_FILES
 from merger.errors import VerifyError
 from merger.hashing import sha256_file
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
-from merger.scoring import filler_id
+from merger.scoring import filler_id, resolve_device
 from service.backends.base import Backend
-from service.backends.transformers import CompileError, TransformersBackend, resolve_device
+from service.backends.transformers import CompileError, TransformersBackend
 from service.budget import calibrate
 from service.cores import CoreShare
 from service.default_model import default_model
@@ -147,6 +147,10 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
+    try:
+        resolve_device(settings.device)
+    except ValueError as error:
+        raise LoadError(str(error)) from error
     cores = core_share(settings)
     threads = cores.counts if cores else (torch.get_num_threads(),)
     backend = make_backend(

@@ -17,18 +17,17 @@ from merger.diagnose import (
     JSON_NAME,
     PNG_NAME,
     Diagnosis,
-    Preference,
     agreement,
     average_states,
     chord,
     diagnose,
     lambda_grid,
-    load_preferences,
     pairwise_accuracy,
     write_report,
 )
 from merger.errors import MergeError
 from merger.plan import plan_merge
+from merger.preferences import Preference, read_preferences
 
 PAIRS = [
     Preference(prompt=f"Question {i}: what does it do?", chosen=CORPUS[i * 7], rejected=CORPUS[-i])
@@ -94,7 +93,7 @@ def test_load_preferences_reads_jsonl(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "prefs.jsonl", [lines[0], "", json.dumps({**PAIRS[1].model_dump(), "id": 7})]
     )
-    assert load_preferences(path) == PAIRS[:2]
+    assert read_preferences(path) == PAIRS[:2]
 
 
 @pytest.mark.parametrize(
@@ -115,12 +114,12 @@ def test_load_preferences_errors_name_file_and_line(
     tmp_path: Path, lines: list[str], match: str
 ) -> None:
     with pytest.raises(ValueError, match=match):
-        load_preferences(write_jsonl(tmp_path / "bad.jsonl", lines))
+        read_preferences(write_jsonl(tmp_path / "bad.jsonl", lines))
 
 
 def test_load_preferences_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"nowhere\.jsonl: cannot read"):
-        load_preferences(tmp_path / "nowhere.jsonl")
+        read_preferences(tmp_path / "nowhere.jsonl")
 
 
 # --- end to end on tiny GPT-2 reward models -----------------------------------------------

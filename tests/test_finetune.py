@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from merger.cli import app
 from merger.manifest import verify_artifact
+from merger.preferences import write_preferences
 from merger.recipe.finetune import (
     MEMBER_FILE,
     REPORT_FILE,
@@ -24,7 +25,7 @@ from merger.recipe.finetune import (
     plan_members,
     rank,
 )
-from merger.recipe.prefdata import generate, write_jsonl
+from merger.recipe.prefdata import generate
 
 TRAIN = generate("train", 48, seed=0)
 VAL = generate("val", 24, seed=0)
@@ -143,8 +144,8 @@ def test_baklava_members_start_from_checkpoints_of_one_run(tmp_path: Path, bert_
 
 def test_command_line(tmp_path: Path, bert_rm: Path) -> None:
     train, val = (
-        write_jsonl(TRAIN, tmp_path / "train.jsonl"),
-        write_jsonl(VAL, tmp_path / "val.jsonl"),
+        write_preferences(TRAIN, tmp_path / "train.jsonl"),
+        write_preferences(VAL, tmp_path / "val.jsonl"),
     )
     args = [
         "finetune", "--data", str(train), "--val", str(val), "--out", str(tmp_path / "o"),

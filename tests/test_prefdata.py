@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from merger.diagnose import load_preferences
+from merger.preferences import read_preferences, write_preferences
 from merger.recipe.prefdata import (
     FILLERS,
     ID_TEMPLATES,
@@ -25,10 +25,8 @@ from merger.recipe.prefdata import (
     generate,
     oracle,
     prompt_topic,
-    read_jsonl,
     sample_prompts,
     tokenize,
-    write_jsonl,
 )
 
 COOK = "How should I get started with baking bread?"
@@ -229,17 +227,17 @@ def test_sample_prompts_rejects_bad_arguments() -> None:
 
 def test_jsonl_round_trip_and_the_diagnose_loader_reads_it(tmp_path: Path) -> None:
     pairs = generate("train", 30, seed=0, noise=0.2)
-    path = write_jsonl(pairs, tmp_path / "train.jsonl")
-    assert read_jsonl(path) == pairs
-    prefs = load_preferences(path)
+    path = write_preferences(pairs, tmp_path / "train.jsonl")
+    assert read_preferences(path, PrefPair) == pairs
+    prefs = read_preferences(path)
     assert [(q.prompt, q.chosen, q.rejected) for q in prefs] == [
         (p.prompt, p.chosen, p.rejected) for p in pairs
     ]
     assert [f.name for f in tmp_path.iterdir()] == ["train.jsonl"]
 
 
-def test_write_jsonl_is_atomic(tmp_path: Path) -> None:
-    path = write_jsonl(generate("val", 3), tmp_path / "val.jsonl")
+def test_write_preferences_is_atomic(tmp_path: Path) -> None:
+    path = write_preferences(generate("val", 3), tmp_path / "val.jsonl")
     before = path.read_bytes()
 
     def failing() -> Iterator[PrefPair]:
@@ -247,14 +245,14 @@ def test_write_jsonl_is_atomic(tmp_path: Path) -> None:
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        write_jsonl(failing(), path)
+        write_preferences(failing(), path)
     assert path.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["val.jsonl"]
 
 
-def test_read_jsonl_names_the_bad_line(tmp_path: Path) -> None:
+def test_read_preferences_names_the_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     good = generate("train", 1)[0].model_dump_json()
     path.write_text(f"{good}\n\n{{not json\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not a preference pair"):
-        read_jsonl(path)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON"):
+        read_preferences(path, PrefPair)

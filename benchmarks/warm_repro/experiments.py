@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from members import Data, Setup, margins, rewards
 
-from merger.diagnose import Preference, diagnose, lambda_grid
+from merger.diagnose import diagnose, lambda_grid
 from merger.diagnose import margin_accuracy as accuracy
 from merger.recipe.finetune import FinetuneReport
-from merger.recipe.prefdata import PrefPair, oracle
+from merger.recipe.prefdata import oracle
 
 BON_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -41,10 +41,6 @@ def pick_pair(report: FinetuneReport) -> tuple[str, str]:
     return best.path, report.ranking[1].path
 
 
-def _preferences(pairs: Sequence[PrefPair]) -> list[Preference]:
-    return [Preference(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in pairs]
-
-
 def interpolation(
     report: FinetuneReport, data: Data, setup: Setup, steps: int = 11
 ) -> dict[str, Any]:
@@ -54,7 +50,7 @@ def interpolation(
     for split, pairs in (("val", data.val), ("ood", data.ood), ("corrupted", data.corrupted)):
         diag = diagnose(
             [Path(a), Path(b)],
-            _preferences(pairs),
+            pairs,
             lambdas=lambda_grid(steps),
             batch_size=64,
             max_length=setup.max_length,

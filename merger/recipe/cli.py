@@ -51,7 +51,7 @@ def finetune(
     merge: Annotated[bool, typer.Option(help="Merge the kept members into <out>/warm.")] = True,
 ) -> None:
     """Fine-tune M diverse reward models from one init, rank them, merge the best (WARM)."""
-    from merger.diagnose import load_preferences
+    from merger.preferences import read_preferences
     from merger.recipe.finetune import FinetuneSpec
     from merger.recipe.finetune import finetune as run_finetune
 
@@ -66,7 +66,7 @@ def finetune(
     except ValidationError as exc:
         spec_error(exc)
     try:
-        train_pairs, val_pairs = load_preferences(data), load_preferences(val)
+        train_pairs, val_pairs = read_preferences(data), read_preferences(val)
         report = run_finetune(
             spec, train_pairs, val_pairs, log=lambda m: err.print(m, highlight=False)
         )

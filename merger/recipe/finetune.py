@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,6 +40,7 @@ from merger.config import MergeSpec
 from merger.diagnose import pairwise_accuracy
 from merger.formatting import DEFAULT_SEPARATOR, TokenLayout, render
 from merger.plan import plan_merge
+from merger.preferences import Preference
 from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
@@ -62,18 +63,7 @@ DROPOUT_FIELDS = (
 Log = Callable[[str], None]
 
 
-class Pair(Protocol):
-    """A preference pair: `merger.diagnose.Preference`, `merger.recipe.prefdata.PrefPair`, ..."""
-
-    @property
-    def prompt(self) -> str: ...
-    @property
-    def chosen(self) -> str: ...
-    @property
-    def rejected(self) -> str: ...
-
-
-def _pair_key(pairs: Sequence[Pair]) -> list[dict[str, str]]:
+def _pair_key(pairs: Sequence[Preference]) -> list[dict[str, str]]:
     return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
 
 
@@ -217,7 +207,7 @@ def make_init(spec: FinetuneSpec) -> Path:
     return dest
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], spec: FinetuneSpec) -> Any:
+def encode_pairs(tokenizer: Any, pairs: Sequence[Preference], spec: FinetuneSpec) -> Any:
     """A datasets.Dataset of chosen_ids / rejected_ids, rendered and cut as the service does."""
     from datasets import Dataset
 
@@ -246,7 +236,7 @@ def load_rm(path: Path) -> tuple[Any, Any]:
 def pair_rewards(
     model: Any,
     tokenizer: Any,
-    pairs: Sequence[Pair],
+    pairs: Sequence[Preference],
     *,
     max_length: int = 128,
     separator: str = DEFAULT_SEPARATOR,
@@ -262,7 +252,7 @@ def pair_rewards(
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
-def accuracy(model: Any, tokenizer: Any, pairs: Sequence[Pair], spec: FinetuneSpec) -> float:
+def accuracy(model: Any, tokenizer: Any, pairs: Sequence[Preference], spec: FinetuneSpec) -> float:
     """Held-out pairwise accuracy: the share of pairs whose chosen response scores higher."""
     chosen, rejected = pair_rewards(
         model, tokenizer, pairs, max_length=spec.max_length, separator=spec.separator
@@ -341,7 +331,7 @@ def train_member(
     plan: MemberPlan,
     start: Path,
     data: Any,
-    val: Sequence[Pair],
+    val: Sequence[Preference],
     spec: FinetuneSpec,
     key: str,
 ) -> TrainedMember:
@@ -387,8 +377,8 @@ def _cached(spec: FinetuneSpec, plan: MemberPlan, key: str) -> TrainedMember | N
 
 def finetune(
     spec: FinetuneSpec,
-    train: Sequence[Pair],
-    val: Sequence[Pair],
+    train: Sequence[Preference],
+    val: Sequence[Preference],
     *,
     log: Log = lambda _m: None,
 ) -> FinetuneReport:

@@ -28,14 +28,12 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict
 
-from merger.writer import atomic_file
+from merger.preferences import Preference
 
 Split = Literal["train", "val", "ood"]
 SPLITS: tuple[Split, ...] = ("train", "val", "ood")
@@ -256,14 +254,12 @@ def oracle(prompt: str, response: str) -> float:
     return float(min(f.on_topic, MAX_ON_TOPIC) - f.off_topic - RUDE_PENALTY * f.rude)
 
 
-class PrefPair(BaseModel):
-    """One comparison; `oracle_*` score the stored texts (a flipped pair: chosen < rejected)."""
+class PrefPair(Preference):
+    """One generated comparison with its labels; `oracle_*` score the stored texts (a
+    flipped pair: chosen < rejected)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    prompt: str
-    chosen: str
-    rejected: str
     split: Split
     flipped: bool
     oracle_chosen: float
@@ -375,27 +371,3 @@ def sample_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
     _check_n(n)
     rng = random.Random(f"warm-prefdata-prompts:{split}:{seed}")
     return [_prompt(rng, shift)[1] for _ in range(n)]
-
-
-def write_jsonl(pairs: Iterable[PrefPair], path: Path | str) -> Path:
-    """Write one JSON object per pair atomically: the file appears whole or not at all."""
-    path = Path(path)
-    with atomic_file(path) as fh:
-        for pair in pairs:
-            fh.write((pair.model_dump_json() + "\n").encode())
-    return path
-
-
-def read_jsonl(path: Path | str) -> list[PrefPair]:
-    """Read pairs written by `write_jsonl` (blank lines skipped; errors name the line)."""
-    path = Path(path)
-    pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            pairs.append(PrefPair.model_validate_json(line))
-        except ValidationError as exc:
-            msg = exc.errors()[0]["msg"]
-            raise ValueError(f"{path}:{lineno}: not a preference pair ({msg})") from exc
-    return pairs

@@ -35,23 +35,13 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import InductorError
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from merger.scoring import RewardForward, attention_implementation, pad_right
+from merger.scoring import RewardForward, attention_implementation, pad_right, resolve_device
 from service.backends.base import ModelInfo
-from service.errors import ErrorType, ServiceError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_COMPILED_LENGTH = 2  # a compiled model never sees a length-1 batch (see the docstring)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' becomes CUDA when present, else CPU; CUDA asked for but absent is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ServiceError(ErrorType.NOT_READY, f"device {device!r}: CUDA is not available")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device, config: Any) -> torch.dtype:
