@@ -2,7 +2,7 @@
 
 The chart maps `settings.<name>` to WARM_<NAME>; generating that part of the schema from
 `service.settings.Settings` keeps names, types, bounds and enums identical to what the
-service accepts. tests/test_helm.py fails when the file is out of date: run
+service accepts. tests/helm/test_helm.py fails when the file is out of date: run
 `.venv/bin/python helm/sync_settings_schema.py` after changing the settings.
 """
 

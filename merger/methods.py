@@ -23,7 +23,7 @@ import torch
 
 # Every merge sums in fp64: the weighted sum of fp32/bf16/fp16 inputs with small integer
 # weights is then exact (short of a 2^29 magnitude spread), and one final rounding gives the
-# correctly rounded result. fp32 accumulation is measurably off: see tests/test_methods.py.
+# correctly rounded result. fp32 accumulation is measurably off: see tests/merger/test_methods.py.
 ACC_DTYPE = torch.float64
 
 # Below this angle (radians) or norm, SLERP falls back to linear interpolation: sin(omega)

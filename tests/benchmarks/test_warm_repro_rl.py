@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "warm_repro"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "warm_repro"))
 
 import oracle_server
 import policy

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BOS_ID
+from tiny_models import BOS_ID
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer
 

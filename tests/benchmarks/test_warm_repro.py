@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "warm_repro"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "warm_repro"))
 
 import experiments
 import members
@@ -96,7 +96,7 @@ def test_smoothing_is_a_trailing_mean() -> None:
 
 def test_the_reproduction_runs_end_to_end_on_a_tiny_model(tmp_path: Path, bert_rm: Path) -> None:
     """`run.py --quick` on a tiny BERT: every stage, the results, the figures, the report."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "warm_repro" / "run.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "warm_repro" / "run.py"
     work, figures = tmp_path / "work", tmp_path / "figures"
     argv = [sys.executable, str(script), "--quick", "--base", str(bert_rm)]
     argv += ["--work", str(work), "--figures", str(figures)]

@@ -3,7 +3,7 @@ the rendered container started as the service it describes.
 
 No cluster and no Docker engine here: `helm-python-sdk` (Helm v4) lints and renders,
 `kubernetes-validate` checks every built-in object against two Kubernetes versions, the
-custom resources are checked against tests/data/crd_subsets (see its README), and the
+custom resources are checked against tests/helm/crd_subsets (see its README), and the
 contract test runs the rendered command and environment as a real `warm-serve` process.
 """
 
@@ -29,8 +29,9 @@ from live import free_port, wait_until
 
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "warm-rm"
+CRD_SUBSETS_DIR = Path(__file__).parent / "crd_subsets"
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 # The values cases: the defaults, and each ci/<case>-values.yaml (chart-testing's layout).
 CASES: dict[str, dict[str, Any]] = {"default": {}} | {
@@ -90,7 +91,9 @@ def container_env(container: Doc, docs: list[Doc]) -> dict[str, str]:
 
 def crd_subset(kind: str) -> Doc:
     """The subset schema a custom resource of `kind` is checked against."""
-    schema: Doc = json.loads((ROOT / "tests/data/crd_subsets" / CRD_SUBSETS[kind]).read_text())
+    schema: Doc = json.loads(
+        (Path(__file__).parent / "crd_subsets" / CRD_SUBSETS[kind]).read_text()
+    )
     return schema
 
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import make_rm
+from tiny_models import make_rm
 
 from merger.build import run_merge
 from merger.config import MergeSpec

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch._inductor.config as inductor
-from conftest import PAD_ID
 from pydantic import ValidationError
+from tiny_models import PAD_ID
 from torch._dynamo import eval_frame
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSequenceClassification

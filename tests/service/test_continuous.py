@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PAD_ID
+from tiny_models import PAD_ID
 
 from service.admission import Admission, QueueLimits
 from service.backends.base import ModelInfo

@@ -11,6 +11,7 @@ import pytest
 from live import Live, live_server
 from pydantic import BaseModel
 
+from service.errors import STATUS, ErrorType, ServiceError, envelope
 from service.settings import Settings
 
 
@@ -184,3 +185,34 @@ def test_protect_metrics_puts_metrics_behind_the_keys(gpt2_rm: Path) -> None:
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
         assert client.get("/health").status_code == 200
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_status_table() -> None:
+    names = "INVALID_REQUEST UNAUTHORIZED NOT_FOUND METHOD_NOT_ALLOWED PAYLOAD_TOO_LARGE "
+    names += "OVERLOADED NOT_READY DEADLINE_EXCEEDED BACKEND_ERROR INTERNAL CLIENT_CLOSED"
+    statuses = [422, 401, 404, 405, 413, 429, 503, 504, 500, 500, 499]
+    assert {ErrorType[n]: s for n, s in zip(names.split(), statuses, strict=True)} == STATUS
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "header"),
+    # ceil, at least 1: ceil(.2)=1, ceil(1.0)=1, ceil(1.01)=2, ceil(7.5)=8, max(1, ceil(0))=1.
+    [(0.2, "1"), (1.0, "1"), (1.01, "2"), (7.5, "8"), (0.0, "1")],
+)
+def test_retry_after_header(retry_after: float, header: str) -> None:
+    error = ServiceError(ErrorType.OVERLOADED, "busy", retry_after=retry_after)
+    assert error.status == 429
+    assert error.headers() == {"Retry-After": header}
+
+
+def test_error_headers_and_envelope() -> None:
+    unauthorized = ServiceError(ErrorType.UNAUTHORIZED, "no key")
+    assert unauthorized.headers() == {"WWW-Authenticate": "Bearer"}
+    assert unauthorized.status == 401 and str(unauthorized) == "no key"
+    assert ServiceError(ErrorType.INTERNAL, "boom").headers() == {}
+    assert envelope(ErrorType.NOT_READY, "loading") == {
+        "error": {"type": "not_ready", "message": "loading"}
+    }

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_rm
 from safetensors.torch import save_file
+from tiny_models import make_rm
 from typer.testing import CliRunner
 
 from merger import writer as writer_module

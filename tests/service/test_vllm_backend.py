@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_HEAD, make_rm
 from live import live_server, wait_until
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
+from tiny_models import ONE_HEAD, make_rm
 
 from service.loader import LoadedModel, LoadError, load_model
 from service.settings import Settings

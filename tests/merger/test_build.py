@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import load_state, make_rm
 from safetensors import safe_open
+from tiny_models import load_state, make_rm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from merger import build, hashing

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import make_rm
 from live import Live, live_server
+from tiny_models import make_rm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from merger.build import run_merge

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import make_rm
+from tiny_models import make_rm
 
 from merger.checkpoints import input_files, open_checkpoint
 from merger.errors import MergeError

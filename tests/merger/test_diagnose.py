@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS, make_rm
+from tiny_models import CORPUS, make_rm
 from typer.testing import CliRunner
 
 from merger.build import run_merge
