@@ -120,8 +120,8 @@ class _Averagers:
     """Averages runs of tensors on this thread and on helper threads, writing in order.
 
     Helpers take the chunks after this thread's, one each, as many as `allowed()` says at
-    that moment: while the inputs are being hashed, that hashing has a core (measured on 2
-    cores: a second averaging thread beside the hashing made the merge slower, not faster).
+    that moment: while the inputs are being hashed, that hashing keeps a core (an averaging
+    thread beside it would compete for the same core and slow the merge).
     """
 
     def __init__(self, ctx: _Context, helpers: int, allowed: Callable[[], int]) -> None:

@@ -123,8 +123,7 @@ class TensorReader:
     """Reads tensor rows with pread into caller-owned buffers; one descriptor per file.
 
     Unlike safe_open's memory map, nothing stays resident in this process after a read (peak
-    memory stays flat in M and model size) and no page faults are taken per chunk, which on
-    the measured machine made pread into a reused buffer about 2x faster than the mapping.
+    memory stays flat in M and model size) and no page faults are taken per chunk.
     Safe to share between threads reading into different buffers.
     """
 

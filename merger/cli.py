@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    Progress,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from merger.checkpoints import input_files
 from merger.config import MergeSpec, Method
-from merger.console import err, fail, out, spec_error
+from merger.console import err, fail, out, progress_bars, spec_error
 from merger.errors import MergeError
 from merger.hashing import FileHashes
 from merger.recipe.cli import finetune
@@ -109,15 +108,13 @@ def build(
                 _print_plan(plan)
                 return
             signal.signal(signal.SIGTERM, _on_sigterm)
-            show = progress and sys.stderr.isatty()
-            with Progress(
+            with progress_bars(
                 "[progress.description]{task.description}",
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
-                console=err,
-                disable=not show,
+                enabled=progress,
             ) as bar:
                 task = bar.add_task("merging", total=plan.bytes_to_read)
                 manifest = run_merge(

@@ -7,9 +7,16 @@ from typing import NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import Progress, ProgressColumn
 
 out = Console()
 err = Console(stderr=True)
+
+
+def progress_bars(*columns: str | ProgressColumn, enabled: bool = True) -> Progress:
+    """Progress bars on stderr, shown only when it is a terminal (and `enabled`): a job run
+    by CI or piped to a file prints its result lines only."""
+    return Progress(*columns, console=err, disable=not (enabled and err.is_terminal))
 
 
 def fail(message: str) -> NoReturn:

@@ -42,7 +42,7 @@ def accumulate(
     """acc += weight * x, computed in acc's dtype (x is promoted, never rounded down).
 
     `scratch` (acc's dtype and shape) takes the promoted x: a converting copy followed by a
-    same-dtype add is about 3x faster than torch's mixed-dtype add, with the same result.
+    same-dtype add is faster than torch's mixed-dtype add, with the same result.
     With `first`, acc's contents are ignored: acc = weight * x, without zeroing it first
     (the same values; a sum of negative zeros then stays -0.0, as IEEE addition has it).
     """
@@ -93,8 +93,8 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class BufferPool:
-    """Named buffers reused chunk after chunk: a fresh multi-MB temporary per chunk costs
-    more than the arithmetic on it (allocation and page faults) on the measured machine."""
+    """Named buffers reused chunk after chunk: a fresh multi-MB temporary per chunk can cost
+    more than the arithmetic on it (allocation and page faults)."""
 
     def __init__(self, elements: int) -> None:
         self.elements = elements
@@ -121,7 +121,7 @@ def _divide(x: torch.Tensor, divisor: float, out: torch.Tensor) -> torch.Tensor:
     if divisor == 1.0:
         return out if out is x else out.copy_(x)
     if math.frexp(divisor)[0] == 0.5 and math.isfinite(1.0 / divisor):
-        # 2^k: x * 2^-k is the same fp64 result, ~3x faster
+        # 2^k: x * 2^-k is the same fp64 result, and a multiplication is cheaper
         return torch.mul(x, 1.0 / divisor, out=out)
     return torch.div(x, divisor, out=out)
 

@@ -139,8 +139,8 @@ class ShardWriter:
     """Writes one shard's tensors in order, chunk by chunk; checks every byte count.
 
     `write` checks a chunk and hands it (a copy, unless the caller owns it) to this shard's
-    writing thread, so the merge goes on computing while the kernel takes the bytes (on the
-    measured machine a write sometimes stalls for tens of milliseconds). At most
+    writing thread, so the merge goes on computing while the kernel takes the bytes (a write
+    may stall). At most
     _WRITE_QUEUE_BYTES are pending; a failed write is raised by the next `write` or by
     `complete`.
 

@@ -11,12 +11,12 @@ finishes sooner on every thread.
 
 So worker 0, the primary, takes every batch it can: with little queued behind the batch it
 takes every free thread; with more batches queued behind it, every free thread but one for
-each idle side worker that one of those batches could keep busy. The side workers take a batch only
-while the primary is running one, and always on one thread. A forward starts only on a free
-thread, so the cores are never oversubscribed; and only the primary ever runs an OpenMP
-team of several threads (with two such teams, the lone forwards of a 2-core machine took
-twice as long). Work that fits one batch is split into a piece per free thread when there
-are as many workers as threads (`CoreShare.pieces`).
+each idle side worker that one of those batches could keep busy. The side workers take a
+batch only while the primary is running one, and always on one thread. A forward starts only
+on a free thread, so the cores are never oversubscribed; and only the primary ever runs an
+OpenMP team of several threads (two such teams wait on each other's barriers). Work that
+fits one batch is split into a piece per free thread when there are as many workers as
+threads (`CoreShare.pieces`).
 
 A compiled model has graphs for given thread counts only (dynamo guards on the thread
 count), so with `counts` a forward's threads are rounded down to one of them: for a compiled

@@ -96,11 +96,10 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False,
         description="transformers backend: run the model through torch.compile (Inductor, "
-        "dynamic shapes, weights frozen as constants). Scores match eager PyTorch (MiniLM, "
-        "float32: within 1e-7); on a CPU the forward is about twice as fast, and each graph "
-        "holds its own pre-packed weights (MiniLM on 2 threads: 428 MB resident against 90 "
-        "MB eager). It compiles before reporting ready (tens of seconds; a C++ compiler on "
-        "CPU, Triton on CUDA).",
+        "dynamic shapes, weights frozen as constants). Scores match eager PyTorch in "
+        "float32; each compiled graph holds its own pre-packed weights, so resident memory "
+        "grows several-fold. It compiles before reporting ready (tens of seconds; a C++ "
+        "compiler on CPU, Triton on CUDA). Speed and memory: benchmarks/RESULTS.md.",
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
     front_nice: int = Field(
@@ -164,8 +163,8 @@ class Settings(BaseSettings):
     tune_batch_tokens: bool = Field(
         True,
         description="At warm-up, lower the padded-token budget to the smallest batch size "
-        "within 10% (CPU; 3% on a GPU) of the best measured throughput, timed on one thread "
-        "where forwards run side by side (CPUs peak at modest batches).",
+        "within a tolerance (10% on a CPU, 3% on an accelerator) of the best timed "
+        "throughput, timed on one thread where forwards run side by side.",
     )
     batch_overhead_tokens: float | None = Field(
         None,

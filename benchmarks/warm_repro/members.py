@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import Progress
 
 from merger.build import run_merge
 from merger.config import MergeSpec
 from merger.manifest import MANIFEST_NAME
 from merger.plan import plan_merge
 from merger.recipe import prefdata
+from merger.recipe.cli import MemberBars
 from merger.recipe.finetune import FinetuneReport, FinetuneSpec, finetune, load_rm, pair_rewards
 from merger.recipe.prefdata import PrefPair
 
@@ -78,8 +80,11 @@ def make_data(setup: Setup) -> Data:
     )
 
 
-def train_members(setup: Setup, data: Data, root: Path, log: Log) -> FinetuneReport:
-    """Fine-tune (or reuse) every member; no merge here, see `warm_artifacts`."""
+def train_members(
+    setup: Setup, data: Data, root: Path, log: Log, bars: Progress | None = None
+) -> FinetuneReport:
+    """Fine-tune (or reuse) every member, each with its bar on `bars`; no merge here, see
+    `warm_artifacts`."""
     spec = FinetuneSpec(
         base=setup.base,
         out=root / "members",
@@ -92,7 +97,8 @@ def train_members(setup: Setup, data: Data, root: Path, log: Log) -> FinetuneRep
         seed=setup.seed,
         merge=False,
     )
-    return finetune(spec, data.train, data.val, log=log)
+    steps = MemberBars(setup.members, bars).update if bars is not None else None
+    return finetune(spec, data.train, data.val, log=log, steps=steps)
 
 
 def warm_artifacts(report: FinetuneReport, sizes: Sequence[int], root: Path) -> dict[int, Path]:

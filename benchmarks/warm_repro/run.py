@@ -23,6 +23,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from rich.progress import Progress
+
 # bench_report (benchmarks/): the RESULTS.md helpers every benchmark shares.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +36,7 @@ from members import Setup, cached_json, make_data, train_members, warm_artifacts
 from policy import make_policy, write_prompts
 from rl import RLSetup, rl_experiment
 
+from merger.recipe.cli import step_bars
 from merger.recipe.prefdata import sample_prompts
 
 HERE = Path(__file__).resolve().parent
@@ -70,8 +73,17 @@ def _sample_candidates(policy: Path, prompts: list[str], k: int, max_new_tokens:
     return out
 
 
+STAGES = 7  # the `stage` calls of _run
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every stage in order; returns the results with per-stage timings."""
+    """Every stage in order; returns the results with per-stage timings. On a terminal,
+    progress bars follow the stages and each member's fine-tuning."""
+    with step_bars() as bars:
+        return _run(args, bars)
+
+
+def _run(args: argparse.Namespace, bars: Progress) -> dict[str, Any]:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     setup = Setup(base=args.base or _base())
@@ -84,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bon_prompts, bon_samples = 4, 8
         policy_kwargs = {"n_pairs": 64, "epochs": 1}
     timings: dict[str, float] = {}
+    stages = bars.add_task("stages", total=STAGES)
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         _log(f"{name} ...")
@@ -91,10 +104,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         value = fn()
         timings[name] = round(time.perf_counter() - t0, 1)
         _log(f"{name}: {timings[name]:.0f} s")
+        bars.advance(stages)
         return value
 
     data = make_data(setup)
-    ranked = stage("fine-tune members", lambda: train_members(setup, data, work, _log))
+    ranked = stage("fine-tune members", lambda: train_members(setup, data, work, _log, bars))
     sizes = [m for m in WARM_SIZES if m <= setup.members]
     warm = stage("merge WARM artifacts", lambda: warm_artifacts(ranked, sizes, work))
     policy = stage("initial policy", lambda: make_policy(work / "policy", **policy_kwargs))

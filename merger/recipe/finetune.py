@@ -23,6 +23,7 @@ accuracy: a rerun with the same inputs reuses it (the demo's cache), any change 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -61,6 +62,8 @@ DROPOUT_FIELDS = (
 )
 
 Log = Callable[[str], None]
+# (member name, optimiser steps done, steps in all): at its start, then after every step.
+Steps = Callable[[str, int, int], None]
 
 
 def _pair_key(pairs: Sequence[Preference]) -> list[dict[str, str]]:
@@ -268,8 +271,15 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def _trainer(model: Any, tokenizer: Any, data: Any, out: Path, **args: Any) -> Any:
-    from transformers import PrinterCallback
+def _trainer(
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    out: Path,
+    on_step: Callable[[int, int], None] | None = None,
+    **args: Any,
+) -> Any:
+    from transformers import PrinterCallback, TrainerCallback
     from trl.trainer.reward_config import RewardConfig
     from trl.trainer.reward_trainer import RewardTrainer
 
@@ -289,6 +299,17 @@ def _trainer(model: Any, tokenizer: Any, data: Any, out: Path, **args: Any) -> A
         model=model, args=config, train_dataset=data, processing_class=tokenizer
     )
     trainer.remove_callback(PrinterCallback)  # with tqdm off, it prints every metric dict
+    if on_step is not None:
+        report = on_step
+
+        class Steps(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                report(0, state.max_steps)
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                report(state.global_step, state.max_steps)
+
+        trainer.add_callback(Steps())
     return trainer
 
 
@@ -334,8 +355,10 @@ def train_member(
     val: Sequence[Preference],
     spec: FinetuneSpec,
     key: str,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainedMember:
-    """Fine-tune one member from `start` and write it atomically to <out>/<name>."""
+    """Fine-tune one member from `start` and write it atomically to <out>/<name>;
+    `on_step(done, total)` hears of each optimiser step."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(start)
@@ -344,7 +367,7 @@ def train_member(
     model = AutoModelForSequenceClassification.from_pretrained(start, config=config)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _trainer(
-            model, tokenizer, data, Path(scratch),
+            model, tokenizer, data, Path(scratch), on_step,
             learning_rate=plan.learning_rate, per_device_train_batch_size=spec.batch_size,
             num_train_epochs=spec.epochs, seed=plan.seed, data_seed=plan.seed, save_strategy="no",
         )  # fmt: skip
@@ -381,8 +404,12 @@ def finetune(
     val: Sequence[Preference],
     *,
     log: Log = lambda _m: None,
+    steps: Steps | None = None,
 ) -> FinetuneReport:
-    """Train (or reuse) every member, rank them on `val`, merge the best `keep` into warm/."""
+    """Train (or reuse) every member, rank them on `val`, merge the best `keep` into warm/.
+
+    `log` hears one line per member; `steps` (for progress bars) each member's optimiser
+    steps, a reused member as one step done of one."""
     from transformers import AutoTokenizer
 
     if not train or not val:
@@ -412,7 +439,10 @@ def finetune(
                 f"{plan.name}: lr {plan.learning_rate:g}, dropout {plan.dropout:g}, "
                 f"seed {plan.seed}, from step {plan.init_step}"
             )
-            result = train_member(plan, start, data, val, spec, key)
+            on_step = None if steps is None else functools.partial(steps, plan.name)
+            result = train_member(plan, start, data, val, spec, key, on_step)
+        elif steps is not None:
+            steps(plan.name, 1, 1)
         log(f"{plan.name}: held-out accuracy {result.val_accuracy:.3f}")
         results.append(result)
     ranking = rank(results)

@@ -175,7 +175,8 @@ WORDS: tuple[str, ...] = tuple(
 """Every token a generated response can contain; space-joined tokens read the same to `oracle`."""
 
 
-# Keyword sets are disjoint (tests/merger/recipe/test_prefdata.py checks), so one lookup finds a word's topic.
+# Keyword sets are disjoint (tests/merger/recipe/test_prefdata.py checks), so one lookup
+# finds a word's topic.
 _TOPIC_OF: dict[str, str] = {w: t.name for t in TOPICS for w in t.keywords}
 _OPENER_WORDS = frozenset(tuple(tokenize(o)[:-1]) for o in OPENERS)
 

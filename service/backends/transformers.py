@@ -64,14 +64,11 @@ def compile_model(model: RewardForward) -> Callable[..., Any]:
 
     Freezing (constants folded, weights pre-packed for oneDNN on a CPU; inference only)
     is switched on process-wide: Inductor reads it whenever it compiles a graph, and
-    torch.compile's `options` do not reach it (measured: without it, the compiled MiniLM
-    is 1.1x eager on this CPU; with it, 2.1x). Inductor's kernels otherwise keep the
-    OpenMP thread count of the compiling thread, and two forwards side by side would
-    oversubscribe the cores; on one thread they cost nothing measurable, since the matrix
-    products (oneDNN) still use the forward's threads. Measured on MiniLM, 2 threads: a lone
-    128-token item at 86 items/s against 79-82 with the kernels on 2 threads; two forwards
-    side by side, on one thread each, 134-141 items/s at 4-16 items per batch against
-    117-127 one at a time.
+    torch.compile's `options` do not reach it; most of the compiled speed-up comes from it.
+    Inductor's kernels otherwise keep the OpenMP thread count of the compiling thread, and
+    two forwards side by side would oversubscribe the cores; on one thread they lose
+    nothing, since the matrix products (oneDNN) still use the forward's threads. Figures:
+    benchmarks/RESULTS.md, "Design measurements".
     """
     inductor_config.freezing = True
     return torch.compile(model, dynamic=True, options={"cpp.threads": 1})

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from merger.cli import app
 from merger.manifest import verify_artifact
 from merger.preferences import write_preferences
+from merger.recipe.cli import MemberBars
 from merger.recipe.finetune import (
     MEMBER_FILE,
     REPORT_FILE,
@@ -89,7 +90,8 @@ def test_set_dropout_sets_every_dropout_field_and_returns_the_old_values() -> No
 def test_finetune_trains_ranks_merges_and_reuses(tmp_path: Path, bert_rm: Path) -> None:
     spec = spec_for(bert_rm, tmp_path / "out", keep=2)
     logs: list[str] = []
-    report = finetune(spec, TRAIN, VAL, log=logs.append)
+    steps: list[tuple[str, int, int]] = []
+    report = finetune(spec, TRAIN, VAL, log=logs.append, steps=lambda *s: steps.append(s))
 
     init = weights(tmp_path / "out" / "init")
     members = {r.plan.name: weights(Path(r.path)) for r in report.ranking}
@@ -115,11 +117,18 @@ def test_finetune_trains_ranks_merges_and_reuses(tmp_path: Path, bert_rm: Path) 
     assert (tmp_path / "out" / REPORT_FILE).is_file()
     assert (Path(report.ranking[0].path) / MEMBER_FILE).is_file()
     assert sum("lr " in line for line in logs) == 3
+    # Progress: each member from step 0 to its last, one step at a time.
+    for member in members:
+        seen = [(done, total) for name, done, total in steps if name == member]
+        total = seen[0][1]
+        assert total > 0 and seen == [(done, total) for done in range(total + 1)]
 
     # A rerun with the same inputs trains nothing; a changed grid retrains what changed.
     logs.clear()
-    again = finetune(spec, TRAIN, VAL, log=logs.append)
+    steps.clear()
+    again = finetune(spec, TRAIN, VAL, log=logs.append, steps=lambda *s: steps.append(s))
     assert sum("lr " in line for line in logs) == 0
+    assert sorted(steps) == [(name, 1, 1) for name in sorted(members)]  # reused: done
     assert [r.val_accuracy for r in again.ranking] == accs
     logs.clear()
     finetune(
@@ -158,3 +167,13 @@ def test_command_line(tmp_path: Path, bert_rm: Path) -> None:
     assert bad.exit_code == 1 and "--lr: 'fast' is not a comma-separated list" in bad.output
     worse = CliRunner().invoke(app, [*args, "--keep", "5"])
     assert worse.exit_code == 1 and "keep (5) exceeds members (2)" in worse.output
+
+
+def test_member_bars_count_the_members_that_are_done() -> None:
+    with MemberBars(3) as bars:
+        bars.update("member-0", 0, 4)
+        bars.update("member-0", 4, 4)
+        bars.update("member-1", 1, 1)  # reused
+        bars.update("member-2", 2, 5)
+        overall = bars._bars.tasks[0]
+        assert (overall.description, overall.completed, overall.total) == ("members", 2, 3)
