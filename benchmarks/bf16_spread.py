@@ -7,8 +7,9 @@ depends on the batch it is scored in (its length padded to its neighbours', thei
 For the packaged MiniLM reward model and the tiny decoder families of the test suite, each
 of N probe texts is scored through the service's transformers backend in bf16 alone and
 inside batches of 2-16 random neighbours; reported: the largest spread of one item's reward
-across compositions, its largest distance from transformers' own bf16 forward of the item
-alone (which runs the head over every position, then picks the last), and
+across compositions, its largest distance from transformers' own forward of the item alone
+with a bf16 trunk and the fp32 head the service runs (`merger.scoring.place`; transformers
+runs the head over every position, then picks the last), and
 bf16 against fp32 (all in reward units), next to the spread of the rewards themselves.
 """
 
@@ -30,7 +31,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(sb.REPO / "tests"))
 from families import FAMILIES, make_family_rm
 
-from merger.scoring import load_reward_model
+from merger.scoring import load_reward_model, place
 from service.backends.transformers import TransformersBackend
 from service.encoding import Encoder
 
@@ -65,8 +66,8 @@ def measure(model_dir: Path, name: str) -> list[str]:
         )
         for dtype in ("bfloat16", "float32")
     }
-    # The reference: transformers' own forward of one unpadded item, in bf16.
-    direct = load_reward_model(model_dir).to(torch.bfloat16)
+    # The reference: transformers' own forward of one unpadded item, bf16 trunk, fp32 head.
+    direct = place(load_reward_model(model_dir), torch.device("cpu"), torch.bfloat16, torch.float32)
     spread, off_direct, off_fp32, rewards = 0.0, 0.0, 0.0, []
     for probe in probes:
         alone = float(backends["bfloat16"].forward([probe])[0, 0])

@@ -1,7 +1,7 @@
 """Interleaved A/B of `warm-merge build`: this checkout's code against another checkout's
 (e.g. `git worktree add /tmp/base <commit>`), on merge_bench's workloads.
 
-Run:  .venv/bin/python benchmarks/merge_ab.py --against DIR [--rounds N] [--full]
+Run:  .venv/bin/python benchmarks/merge_ab.py --against DIR [--rounds N] [--full] [--only S]
 
 Workloads (bench_workloads.py, written once into benchmarks/.work/ab/): A, M=3 perturbed
 MiniLM copies (fp32), and B, M=3 synthetic bf16 Llama classifiers (~150 MB each, sharded;
@@ -52,6 +52,7 @@ def variants(a: list[Path], a_init: Path, b: list[Path], b_init: Path) -> dict[s
 def build(code: Path, args: list[str], out: Path) -> float:
     """Wall seconds of one `warm-merge build` run with `code` first on the import path."""
     shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(code), HF_HUB_OFFLINE="1")
     argv = [str(PYTHON), "-m", "merger.cli", "build", *args, "--out", str(out), "--no-progress"]
     start = time.perf_counter()
@@ -69,11 +70,16 @@ def main() -> None:
     parser.add_argument("--against", type=Path, required=True, help="the other checkout's root")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="~1.5 GB Llama members")
+    parser.add_argument("--only", default="", help="run the variants whose name contains this")
     args = parser.parse_args()
     a = minilm_workload(WORK / "A", 4).members
     shape = LLAMA_FULL if args.full else LLAMA_QUICK
     b = llama_workload(WORK / ("B-full" if args.full else "B"), 4, shape).members
-    runs = variants(list(a[:3]), a[3], list(b[:3]), b[3])
+    runs = {
+        name: argv
+        for name, argv in variants(list(a[:3]), a[3], list(b[:3]), b[3]).items()
+        if args.only in name
+    }
     codes = {"this": REPO, "other": args.against.resolve()}
     times: dict[tuple[str, str], list[float]] = {}
     identical = {}

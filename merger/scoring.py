@@ -85,7 +85,7 @@ class RewardForward(nn.Module):
         self.positions = self.last_token and takes_position_ids(base)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Head outputs (batch, num_labels) in the model's dtype."""
+        """Head outputs (batch, num_labels) in the head's dtype (see `place`)."""
         if not self.last_token:
             logits: torch.Tensor = self.model(
                 input_ids=input_ids, attention_mask=attention_mask
@@ -102,6 +102,49 @@ class RewardForward(nn.Module):
         score: Any = self.model.score
         out: torch.Tensor = score(last)  # (batch, num_labels)
         return out
+
+
+# The module that maps a pooled hidden state to the rewards, by architecture family.
+HEAD_MODULES = ("score", "classifier", "v_head")
+
+
+def reward_head(model: nn.Module) -> nn.Module | None:
+    """The model's reward head (`score`, `classifier` or `v_head`), if it has one of those."""
+    for name in HEAD_MODULES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def _to_head_dtype(dtype: torch.dtype) -> Any:
+    def cast(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args
+        )
+
+    return cast
+
+
+def place(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, head_dtype: torch.dtype
+) -> nn.Module:
+    """`model` moved to `device`: its trunk in `dtype`, its reward head in `head_dtype`.
+
+    The head keeps the weights as loaded (never rounded through `dtype` on the way) and
+    casts its inputs, the trunk's hidden states, to `head_dtype`: with a bf16 trunk and an
+    fp32 head, a reward carries the trunk's rounding only, not a bf16 rounding of its own.
+    """
+    head = reward_head(model)
+    if head is None or head_dtype == dtype:
+        return model.to(device=device, dtype=dtype)
+    loaded = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    model.to(device=device, dtype=dtype)
+    head.to(dtype=head_dtype)
+    head.load_state_dict(loaded)  # copied into the head_dtype parameters
+    head.register_forward_pre_hook(_to_head_dtype(head_dtype))
+    return model
 
 
 def attention_implementation(config: Any) -> str | None:

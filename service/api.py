@@ -160,7 +160,7 @@ async def models(request: Request) -> ModelList:
             max_chars_per_item=s.max_chars_per_item,
             max_tokens_per_item=info.max_length,
             max_body_bytes=s.max_body_bytes,
-            max_batch_size=s.max_batch_size,
+            max_batch_size=model.batch_size,
             max_batch_tokens=model.batch_tokens,
         ),
     )

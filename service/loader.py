@@ -24,6 +24,7 @@ from service.backends.transformers import CompileError, TransformersBackend
 from service.budget import calibrate
 from service.cores import CoreShare
 from service.default_model import default_model
+from service.device import DevicePlan, Target, device_plan
 from service.encoding import Encoder
 from service.settings import Settings
 
@@ -52,6 +53,7 @@ class LoadedModel:
     backend: Backend
     encoder: Encoder
     overhead_tokens: float
+    batch_size: int  # most items in one forward (the device plan's)
     batch_tokens: int
     cores: CoreShare | None = None  # forwards run side by side on a CPU, sharing its threads
     labels: tuple[str, ...] = ("LABEL_0",)  # the config's id2label, one name per output
@@ -131,11 +133,19 @@ def load_model(settings: Settings) -> LoadedModel:
         raise LoadError(
             f"reward_index {settings.reward_index} but the model has {config.num_labels} outputs"
         )
+    try:
+        device = resolve_device(settings.device)
+    except ValueError as error:
+        raise LoadError(str(error)) from error
+    plan = device_plan(Target.probe(device), config, settings)
+    if device.type == "cuda":  # process-wide switches: this process serves one model
+        torch.backends.cuda.matmul.allow_tf32 = plan.tf32
+        torch.backends.cudnn.allow_tf32 = plan.tf32
     limit = model_limit(tokenizer, config)
     max_length = settings.max_length or limit or 512
     if limit is not None and max_length > limit:
         raise LoadError(f"max_length {max_length} exceeds the model's limit of {limit} tokens")
-    max_length = min(max_length, settings.max_batch_tokens)
+    max_length = min(max_length, plan.max_batch_tokens)
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     try:
         encoder = Encoder(
@@ -147,16 +157,12 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
-    try:
-        resolve_device(settings.device)
-    except ValueError as error:
-        raise LoadError(str(error)) from error
-    cores = core_share(settings)
+    cores = core_share(settings, plan.share_cores)
     threads = cores.counts if cores else (torch.get_num_threads(),)
     backend = make_backend(
-        settings, model_dir, config, max_length=max_length, pad=int(pad), threads=threads
+        settings, model_dir, config, plan, max_length=max_length, pad=int(pad), threads=threads
     )
-    overhead, budget = settings.batch_overhead_tokens, settings.max_batch_tokens
+    overhead, budget = settings.batch_overhead_tokens, plan.max_batch_tokens
     if settings.continuous:  # vLLM's scheduler forms the batches: nothing to calibrate
         overhead = overhead or 0.0
     elif settings.warmup or overhead is None:
@@ -165,8 +171,8 @@ def load_model(settings: Settings) -> LoadedModel:
         measured = calibrate(
             backend,
             encoder,
-            settings.max_batch_size,
-            settings.max_batch_tokens,
+            plan.max_batch_size,
+            plan.max_batch_tokens,
             threads=1 if beside else None,
         )
         overhead = measured.overhead_tokens if overhead is None else overhead
@@ -184,21 +190,22 @@ def load_model(settings: Settings) -> LoadedModel:
         backend=backend,
         encoder=encoder,
         overhead_tokens=overhead,
+        batch_size=plan.max_batch_size,
         batch_tokens=budget,
         cores=cores,
     )
 
 
-def core_share(settings: Settings) -> CoreShare | None:
+def core_share(settings: Settings, share: bool) -> CoreShare | None:
     """How many forwards run at once and on which threads (None: one at a time).
 
-    Only the transformers backend on a CPU runs forwards side by side; call from the
-    thread that loads the model (torch's thread count is per thread). A compiled model
-    runs its forwards on the few thread counts its graphs are compiled for (`CoreShare`).
+    Forwards run side by side only where the device plan `share`s the cores (the
+    transformers backend on a CPU); call from the thread that loads the model (torch's
+    thread count is per thread). A compiled model runs its forwards on the few thread
+    counts its graphs are compiled for (`CoreShare`).
     """
     workers = settings.model_workers
-    on_cpu = settings.backend == "transformers" and resolve_device(settings.device).type == "cpu"
-    if not on_cpu:
+    if not share:
         if workers is not None and workers > 1:
             raise LoadError(f"model_workers {workers}: forwards run side by side on a CPU only")
         return None
@@ -220,6 +227,7 @@ def make_backend(
     settings: Settings,
     model_dir: Path,
     config: Any,
+    plan: DevicePlan,
     *,
     max_length: int,
     pad: int,
@@ -256,6 +264,8 @@ def make_backend(
             kv_cache_gib=settings.vllm_kv_cache_gib,
             enable_prefix_caching=settings.vllm_enable_prefix_caching,
             enforce_eager=settings.vllm_enforce_eager,
+            max_num_batched_tokens=plan.engine_max_num_batched_tokens,
+            max_num_seqs=plan.engine_max_num_seqs,
         )
     except (ImportError, ValueError) as error:
         raise LoadError(str(error)) from error

@@ -102,7 +102,7 @@ class ServiceState:
             backend = cast(ContinuousBackend, model.backend)
             self.scheduler = ContinuousScheduler(backend, queue, self.metrics)
         else:
-            limits = BatchLimits(s.max_batch_size, model.batch_tokens, model.overhead_tokens)
+            limits = BatchLimits(model.batch_size, model.batch_tokens, model.overhead_tokens)
             self.scheduler = Batcher(model.backend, limits, queue, self.metrics, model.cores)
         await self.scheduler.start(self.model_thread)
         if s.front_nice:
@@ -127,7 +127,7 @@ class ServiceState:
             how = "vLLM's engine schedules items continuously"
         else:
             how = (
-                f"batches <= {s.max_batch_size} items, <= {model.batch_tokens} padded tokens, "
+                f"batches <= {model.batch_size} items, <= {model.batch_tokens} padded tokens, "
                 f"overhead {model.overhead_tokens:.0f} tokens"
             )
         log.info(

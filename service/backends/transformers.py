@@ -35,32 +35,28 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import InductorError
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from merger.scoring import RewardForward, attention_implementation, pad_right, resolve_device
+from merger.scoring import (
+    RewardForward,
+    attention_implementation,
+    pad_right,
+    place,
+    resolve_device,
+)
 from service.backends.base import ModelInfo
+from service.device import Target, compile_settings, trunk_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_COMPILED_LENGTH = 2  # a compiled model never sees a length-1 batch (see the docstring)
-
-
-def resolve_dtype(dtype: str, device: torch.device, config: Any) -> torch.dtype:
-    """'auto' is float32 on CPU (16-bit is slower there) and the checkpoint's dtype on CUDA."""
-    if dtype != "auto":
-        return DTYPES[dtype]
-    if device.type == "cpu":
-        return torch.float32
-    saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
-    return DTYPES.get(saved.removeprefix("torch."), torch.float32)
 
 
 class CompileError(Exception):
     """torch.compile could not compile the model (no C++ compiler, an unsupported operator)."""
 
 
-def compile_model(model: RewardForward) -> Callable[..., Any]:
-    """`model` through torch.compile: dynamic shapes, weights frozen as constants, Inductor's
-    C++ kernels on one thread.
+def compile_model(model: RewardForward, target: Target) -> Callable[..., Any]:
+    """`model` through torch.compile with dynamic shapes, as `compile_settings` has it for
+    `target`: on a CPU, weights frozen as constants and Inductor's C++ kernels on one thread.
 
     Freezing (constants folded, weights pre-packed for oneDNN on a CPU; inference only)
     is switched on process-wide: Inductor reads it whenever it compiles a graph, and
@@ -70,8 +66,9 @@ def compile_model(model: RewardForward) -> Callable[..., Any]:
     nothing, since the matrix products (oneDNN) still use the forward's threads. Figures:
     benchmarks/RESULTS.md, "Design measurements".
     """
-    inductor_config.freezing = True
-    return torch.compile(model, dynamic=True, options={"cpp.threads": 1})
+    freezing, options = compile_settings(target)
+    inductor_config.freezing = freezing
+    return torch.compile(model, dynamic=True, options=options)
 
 
 class StanceHold:
@@ -144,6 +141,7 @@ class TransformersBackend:
         """`compile_threads`: the CPU thread counts forwards will run on, a pair of graphs
         compiled for each (default: the calling thread's)."""
         self.device = resolve_device(device)
+        target = Target.probe(self.device)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir,
@@ -152,12 +150,13 @@ class TransformersBackend:
             dtype="auto",
             attn_implementation=attention_implementation(config),
         )
-        torch_dtype = resolve_dtype(dtype, self.device, model.config)
+        torch_dtype = trunk_dtype(target, model.config, dtype)
         # Models RewardForward does not pool itself (remote code with other heads) pool
         # through the pad id: give them one (composite configs read their text config's).
         model.config.pad_token_id = pad_token_id
         model.config.get_text_config().pad_token_id = pad_token_id
-        self.model = RewardForward(model.to(device=self.device, dtype=torch_dtype).eval())
+        # The reward head runs in fp32 whatever the trunk's dtype (`place`).
+        self.model = RewardForward(place(model, self.device, torch_dtype, torch.float32).eval())
         self.pad_token_id = pad_token_id
         self.run: Callable[..., Any] = self.model
         self.min_length = 1
@@ -166,7 +165,7 @@ class TransformersBackend:
         # behind a compile of tens of seconds; tests set "fail_on_recompile".
         self.stance: str | None = None
         if compile:
-            self.run = compile_model(self.model)
+            self.run = compile_model(self.model, target)
             self.min_length = MIN_COMPILED_LENGTH
             self._compile_now(compile_threads or (torch.get_num_threads(),))
             self.stance = "eager_on_recompile"

@@ -39,7 +39,7 @@ import torch
 from prometheus_client import REGISTRY, Metric
 
 from service.backends.base import ModelInfo
-from service.backends.transformers import resolve_dtype
+from service.device import Target, trunk_dtype
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,16 @@ def cpu_kv_cache_bytes(config: Any, dtype: torch.dtype, max_length: int, availab
     return max(wanted, MIN_KV_BYTES)
 
 
+def engine_limits(tokens: int | None, seqs: int | None, max_length: int) -> dict[str, int]:
+    """The engine arguments for these per-step limits (only those given)."""
+    limits = {}
+    if tokens is not None:
+        limits["max_num_batched_tokens"] = max(tokens, max_length)
+    if seqs is not None:
+        limits["max_num_seqs"] = seqs
+    return limits
+
+
 class VLLMBackend:
     """A sequence-classification model served by vLLM's async engine on its own loop thread."""
 
@@ -148,7 +158,12 @@ class VLLMBackend:
         kv_cache_gib: float | None = None,
         enable_prefix_caching: bool | None = None,
         enforce_eager: bool = False,
+        max_num_batched_tokens: int | None = None,
+        max_num_seqs: int | None = None,
     ) -> None:
+        """`max_num_batched_tokens`, `max_num_seqs`: the engine's limits per step (None:
+        vLLM's defaults); tokens are raised to `max_length`, since a pooling request is
+        never split across steps."""
         vllm = import_vllm()
         platform = vllm_device()
         if device not in {"auto", platform}:
@@ -157,7 +172,7 @@ class VLLMBackend:
                 "(with --backend vllm, choose GPUs with CUDA_VISIBLE_DEVICES)"
             )
         check_head_size(config, platform)
-        torch_dtype = resolve_dtype(dtype, torch.device(platform), config)
+        torch_dtype = trunk_dtype(Target.probe(torch.device(platform)), config, dtype)
         dtype_name = str(torch_dtype).removeprefix("torch.")
         kv_bytes = None if kv_cache_gib is None else int(kv_cache_gib * GIB)
         if platform == "cpu" and kv_bytes is None and gpu_memory_utilization is None:
@@ -173,6 +188,7 @@ class VLLMBackend:
             kv_cache_memory_bytes=kv_bytes,
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
+            **engine_limits(max_num_batched_tokens, max_num_seqs, max_length),
         )
         if enable_prefix_caching and not args.create_model_config().is_prefix_caching_supported:
             raise ValueError(

@@ -357,17 +357,23 @@ def test_refuses_pickled_checkpoints(tmp_path: Path, gpt2_rm: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_sixteen_bit_serving_matches_a_sixteen_bit_forward(gpt2_rm: Path, dtype: str) -> None:
+def test_sixteen_bit_serving_is_a_sixteen_bit_trunk_under_an_fp32_head(
+    gpt2_rm: Path, dtype: str
+) -> None:
     text = text_of(11)
     tokenizer = AutoTokenizer.from_pretrained(gpt2_rm)
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForSequenceClassification.from_pretrained(gpt2_rm, dtype=torch_dtype).eval()
+    head = AutoModelForSequenceClassification.from_pretrained(gpt2_rm).score  # fp32, as saved
     with torch.inference_mode():
-        want = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+        hidden = model.transformer(**tokenizer(text, return_tensors="pt")).last_hidden_state
+        want = head(hidden[0, -1].float()).item()  # the 16-bit trunk, the fp32 head
+        sixteen_bit_head = model.score(hidden[0, -1]).item()
         fp32 = direct_rewards(gpt2_rm, [text])[0][0]
     with live_server(settings_for(gpt2_rm, dtype=dtype)) as live, live.client() as client:
         card = client.get("/v1/models").json()["data"][0]
         got = client.post("/v1/score", json={"items": [{"text": text}]}).json()
     assert card["dtype"] == dtype
     assert got["results"][0]["reward"] == pytest.approx(want, abs=1e-6)
-    assert want != fp32  # the 16-bit forward really ran in 16 bits
+    assert want != sixteen_bit_head  # a 16-bit head would fail the line above
+    assert want != fp32  # the trunk really ran in 16 bits

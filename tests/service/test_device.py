@@ -1,0 +1,89 @@
+"""The device policy, run on a CPU for CUDA devices described by hand."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from service.backends.vllm import engine_limits
+from service.device import Target, device_plan, trunk_dtype
+from service.settings import Settings
+
+CPU = Target(torch.device("cpu"))
+H100 = Target(torch.device("cuda:0"), capability=(9, 0), memory_bytes=80 << 30)
+L4 = Target(torch.device("cuda:0"), capability=(8, 9), memory_bytes=24 << 30)
+V100 = Target(torch.device("cuda:0"), capability=(7, 0), memory_bytes=32 << 30)
+
+
+def config(dtype: str | None) -> SimpleNamespace:
+    return SimpleNamespace(torch_dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("target", "saved", "expected"),
+    [
+        (CPU, "bfloat16", torch.float32),  # 16-bit is slower on a CPU
+        (H100, "bfloat16", torch.bfloat16),
+        (H100, "float16", torch.float16),
+        (H100, "float32", torch.bfloat16),  # a GPU never keeps fp32 because the config says so
+        (H100, None, torch.bfloat16),
+        (V100, None, torch.float32),  # no native bf16
+        (V100, "bfloat16", torch.bfloat16),  # what the checkpoint was trained in
+    ],
+)
+def test_auto_dtype_follows_the_device_then_the_checkpoint(
+    target: Target, saved: str | None, expected: torch.dtype
+) -> None:
+    assert trunk_dtype(target, config(saved), "auto") is expected
+    assert trunk_dtype(target, config(saved), "float16") is torch.float16  # asked for: kept
+
+
+def test_on_a_cpu_the_plan_is_what_the_service_always_did() -> None:
+    plan = device_plan(CPU, config(None), Settings())
+    assert plan.dtype is torch.float32 and plan.head_dtype is torch.float32
+    assert plan.share_cores and not plan.pin_memory and not plan.tf32
+    assert plan.compile_freezing and plan.compile_options == {"cpp.threads": 1}
+    assert (plan.max_batch_size, plan.max_batch_tokens) == (64, 16384)
+    assert plan.engine_max_num_batched_tokens is None
+
+
+def test_on_a_gpu_batches_grow_and_nothing_cpu_only_runs() -> None:
+    plan = device_plan(H100, config("bfloat16"), Settings())
+    assert plan.dtype is torch.bfloat16 and plan.head_dtype is torch.float32  # fp32 head
+    assert not plan.share_cores and plan.pin_memory
+    assert not plan.tf32  # a bf16 trunk; the fp32 head keeps full fp32 products
+    assert not plan.compile_freezing and plan.compile_options == {}  # one copy of weights
+    assert (plan.max_batch_size, plan.max_batch_tokens) == (512, 65536)
+    assert (L4.kind, device_plan(L4, config(None), Settings()).max_batch_tokens) == ("cuda", 32768)
+    fp32 = device_plan(H100, config(None), Settings(dtype="float32"))
+    assert fp32.tf32  # an fp32 trunk on Ampere or later uses TF32 products
+    assert not device_plan(V100, config(None), Settings(dtype="float32")).tf32
+
+
+def test_limits_the_settings_name_are_kept_on_any_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = device_plan(H100, config(None), Settings(max_batch_tokens=4096))
+    assert (plan.max_batch_size, plan.max_batch_tokens) == (512, 4096)
+    monkeypatch.setenv("WARM_MAX_BATCH_SIZE", "8")  # as Helm sets it
+    plan = device_plan(H100, config(None), Settings())
+    assert (plan.max_batch_size, plan.max_batch_tokens) == (8, 65536)
+
+
+def test_vllm_engine_limits_on_a_gpu_only() -> None:
+    vllm = Settings(backend="vllm")
+    plan = device_plan(H100, config(None), vllm)
+    assert (plan.engine_max_num_batched_tokens, plan.engine_max_num_seqs) == (16384, 1024)
+    assert device_plan(L4, config(None), vllm).engine_max_num_seqs == 256
+    assert device_plan(CPU, config(None), vllm).engine_max_num_batched_tokens is None
+    assert not device_plan(CPU, config(None), vllm).share_cores  # vLLM's engine runs it
+
+
+def test_engine_limits_never_cut_below_one_whole_item() -> None:
+    # A pooling request is never split across engine steps: tokens rise to max_length.
+    assert engine_limits(8192, 256, 16384) == {"max_num_batched_tokens": 16384, "max_num_seqs": 256}
+    assert engine_limits(16384, 1024, 512) == {
+        "max_num_batched_tokens": 16384,
+        "max_num_seqs": 1024,
+    }
+    assert engine_limits(None, None, 512) == {}  # vLLM's own defaults
