@@ -100,6 +100,11 @@ def trunk_dtype(target: Target, config: Any, setting: str) -> torch.dtype:
     return torch.bfloat16 if target.ampere else torch.float32
 
 
+def pins_memory(target: Target) -> bool:
+    """Whether host batches are pinned: on a GPU, so their copy to it is asynchronous."""
+    return target.device.type == "cuda"
+
+
 def compile_settings(target: Target) -> tuple[bool, dict[str, Any]]:
     """(freezing, Inductor options) for torch.compile on `target`.
 
@@ -129,7 +134,7 @@ def device_plan(target: Target, config: Any, settings: Settings) -> DevicePlan:
         head_dtype=torch.float32,
         tf32=cuda and target.ampere and dtype == torch.float32,
         share_cores=not cuda and settings.backend == "transformers",
-        pin_memory=cuda,
+        pin_memory=pins_memory(target),
         compile_freezing=freezing,
         compile_options=options,
         max_batch_size=settings.max_batch_size if "max_batch_size" in explicit else size,

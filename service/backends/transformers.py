@@ -43,7 +43,7 @@ from merger.scoring import (
     resolve_device,
 )
 from service.backends.base import ModelInfo
-from service.device import Target, compile_settings, trunk_dtype
+from service.device import Target, compile_settings, pins_memory, trunk_dtype
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class TransformersBackend:
         compiled for each (default: the calling thread's)."""
         self.device = resolve_device(device)
         target = Target.probe(self.device)
+        self.pin = pins_memory(target)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir,
@@ -213,12 +214,16 @@ class TransformersBackend:
             torch.set_num_threads(threads)
         ids, mask = pad_right(sequences, self.pad_token_id, self.min_length)
         with nullcontext() if self.stance is None else STANCE.hold(self.stance):
-            logits = self.run(
-                input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
-                attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
-            )
+            logits = self.run(input_ids=self._to_device(ids), attention_mask=self._to_device(mask))
         outputs: np.ndarray = logits.to(torch.float64).cpu().numpy()
         return outputs
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device (pinned first on a GPU: an asynchronous copy)."""
+        tensor = torch.from_numpy(array)
+        if self.pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def failure(self) -> str | None:
         """In-process: a failing forward fails its batch only, never the model."""

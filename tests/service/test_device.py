@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from service.backends.transformers import TransformersBackend
 from service.backends.vllm import engine_limits
 from service.device import Target, device_plan, trunk_dtype
 from service.settings import Settings
@@ -87,3 +89,12 @@ def test_engine_limits_never_cut_below_one_whole_item() -> None:
         "max_num_seqs": 1024,
     }
     assert engine_limits(None, None, 512) == {}  # vLLM's own defaults
+
+
+def test_a_cpu_backend_never_pins_host_memory(gpt2_rm: Path) -> None:
+    # Pinning needs a GPU; on a CPU a forward copies nothing.
+    backend = TransformersBackend(
+        gpt2_rm, device="cpu", dtype="auto", max_length=16, pad_token_id=0, trust_remote_code=False
+    )
+    assert not backend.pin and backend.info.dtype == "float32"
+    assert backend.forward([[5, 6, 7]]).shape == (1, 1)
