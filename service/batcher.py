@@ -18,12 +18,12 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from service.admission import Admission, Job, QueueLimits, new_job
-from service.backends.base import Backend
+from service.backends.base import Backend, OutOfMemory
 from service.batching import BatchLimits, is_full, next_batch
 from service.cores import CoreShare, ForwardSlots, Grant, OneForward
 from service.errors import ErrorType, ServiceError
@@ -235,7 +235,7 @@ class Batcher:
             started = time.monotonic()
             if live:
                 try:
-                    outputs = self.backend.forward([w.ids for w in live], grant.threads)
+                    outputs = self._forward_fitting([w.ids for w in live], grant.threads)
                     expected = (len(live), self.backend.info.num_labels)
                     if outputs.shape != expected:
                         raise RuntimeError(f"outputs of shape {outputs.shape}, not {expected}")
@@ -250,6 +250,39 @@ class Batcher:
             self._loop.call_soon_threadsafe(
                 self._complete, batch, live, outputs, error, started, elapsed, grant
             )
+
+    def _forward_fitting(self, ids: list[Sequence[int]], threads: int | None) -> np.ndarray:
+        """The batch's outputs; a batch out of device memory is halved and each half run
+        again (down to single items), after the device's cache is emptied and the token
+        budget lowered below what failed, so the scheduler forms batches that fit."""
+        try:
+            return self.backend.forward(ids, threads)
+        except OutOfMemory:
+            self.metrics.out_of_memory.inc()
+            if len(ids) == 1:
+                raise
+            self.backend.free_memory()
+            self._lower_budget(max(len(s) for s in ids) * len(ids))
+            half = len(ids) // 2
+            return np.concatenate(
+                [
+                    self._forward_fitting(ids[:half], threads),
+                    self._forward_fitting(ids[half:], threads),
+                ]
+            )
+
+    def _lower_budget(self, failed_tokens: int) -> None:
+        """Halve the padded-token budget below a batch that ran out of memory (never below
+        one longest item); the scheduler reads `limits` whole, so one assignment does."""
+        budget = max(self.backend.info.max_length, failed_tokens // 2)
+        if budget < self.limits.max_batch_tokens:
+            log.warning(
+                "out of device memory on %d padded tokens: batch budget lowered from %d to %d",
+                failed_tokens,
+                self.limits.max_batch_tokens,
+                budget,
+            )
+            self.limits = replace(self.limits, max_batch_tokens=budget)
 
     def _take(self, worker: int) -> tuple[list[Work], Grant] | None:
         """Wait for the staged batch and the right to run it; None: stop this thread."""

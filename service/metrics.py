@@ -59,6 +59,10 @@ class Metrics:
             "('all': the backend's own; on a CPU, 1 of 2 means two forwards ran side by side).",
             ["threads"], registry=r,
         )  # fmt: skip
+        self.out_of_memory = Counter(
+            "warm_out_of_memory", "Forward passes that ran out of device memory (each batch "
+            "is then halved and run again, and the batch budget lowered).", registry=r,
+        )  # fmt: skip
         self.batch_size = Histogram(
             "warm_batch_size", "Items per forward pass.", buckets=SIZE_BUCKETS, registry=r
         )

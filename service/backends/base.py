@@ -10,6 +10,10 @@ from typing import Protocol
 import numpy as np
 
 
+class OutOfMemory(Exception):
+    """A forward ran out of device memory: its batch was too large (a smaller one may fit)."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a loaded model is, as the API reports it."""
@@ -31,10 +35,15 @@ class Backend(Protocol):
 
     def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
         """Outputs of shape (len(sequences), num_labels), float64, in input order. `threads`:
-        the CPU threads this call may use (None: as configured at load)."""
+        the CPU threads this call may use (None: as configured at load). Raises
+        `OutOfMemory` when the batch does not fit the device's memory."""
 
     def failure(self) -> str | None:
-        """Why the model can no longer serve at all (a dead engine process), else None."""
+        """Why the model can no longer serve at all (a dead engine process, a device whose
+        context a device-side assert broke), else None."""
+
+    def free_memory(self) -> None:
+        """Return cached device memory (after an `OutOfMemory`)."""
 
     def close(self) -> None:
         """Release the model's memory."""

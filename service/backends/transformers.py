@@ -42,11 +42,13 @@ from merger.scoring import (
     place,
     resolve_device,
 )
-from service.backends.base import ModelInfo
+from service.backends.base import ModelInfo, OutOfMemory
 from service.device import Target, compile_settings, pins_memory, trunk_dtype
 
 log = logging.getLogger(__name__)
 
+# In the message of a CUDA error after which the context cannot run anything again.
+DEVICE_ASSERT = "device-side assert"
 MIN_COMPILED_LENGTH = 2  # a compiled model never sees a length-1 batch (see the docstring)
 
 
@@ -159,6 +161,7 @@ class TransformersBackend:
         # The reward head runs in fp32 whatever the trunk's dtype (`place`).
         self.model = RewardForward(place(model, self.device, torch_dtype, torch.float32).eval())
         self.pad_token_id = pad_token_id
+        self._failure: str | None = None
         self.run: Callable[..., Any] = self.model
         self.min_length = 1
         # Dynamo's stance for forwards (None: not compiled, or compiling). Once the graphs
@@ -213,8 +216,17 @@ class TransformersBackend:
             # OpenMP's thread count is per calling thread: other model threads keep theirs.
             torch.set_num_threads(threads)
         ids, mask = pad_right(sequences, self.pad_token_id, self.min_length)
-        with nullcontext() if self.stance is None else STANCE.hold(self.stance):
-            logits = self.run(input_ids=self._to_device(ids), attention_mask=self._to_device(mask))
+        try:
+            with nullcontext() if self.stance is None else STANCE.hold(self.stance):
+                logits = self.run(
+                    input_ids=self._to_device(ids), attention_mask=self._to_device(mask)
+                )
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(str(error).splitlines()[0]) from error
+        except RuntimeError as error:
+            if DEVICE_ASSERT in str(error):  # the CUDA context is unusable from now on
+                self._failure = f"the device failed for good: {str(error).splitlines()[0]}"
+            raise
         outputs: np.ndarray = logits.to(torch.float64).cpu().numpy()
         return outputs
 
@@ -226,8 +238,14 @@ class TransformersBackend:
         return tensor.to(self.device, non_blocking=True)
 
     def failure(self) -> str | None:
-        """In-process: a failing forward fails its batch only, never the model."""
-        return None
+        """Set once a device-side assert broke the CUDA context (every later forward would
+        fail); any other failing forward fails its batch only."""
+        return self._failure
+
+    def free_memory(self) -> None:
+        """Return the CUDA caching allocator's unused blocks (nothing to do on a CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         """Drop the model and return cached device memory."""

@@ -249,6 +249,9 @@ class VLLMBackend:
             return f"vLLM's engine died: {engine.dead_error!r}"
         return None
 
+    def free_memory(self) -> None:
+        """Nothing to do: vLLM's engine owns its memory (its KV cache is preallocated)."""
+
     def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
         """`submit`, waited for (the engine's threads are its own: `threads` is ignored)."""
         return self.submit(sequences).result()
