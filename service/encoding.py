@@ -38,12 +38,19 @@ class Encoder:
         self, tokenizer: Any, *, max_length: int, separator: str, vocab_size: int | None = None
     ) -> None:
         """`vocab_size`: the model's embedding rows (token ids given directly must be below
-        it; default: the tokenizer's size). ValueError if the tokenizer's special tokens leave
-        no room within max_length."""
+        it; default: the tokenizer's size). ValueError if the tokenizer can produce an id past
+        the embedding (on a GPU, a device-side assert that breaks the device for good), or if
+        its special tokens leave no room within max_length."""
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.separator = separator
         self.vocab_size = vocab_size or len(tokenizer)
+        largest = max(tokenizer.get_vocab().values(), default=-1)
+        if largest >= self.vocab_size:
+            raise ValueError(
+                f"the tokenizer has token id {largest}, but the model's embedding has "
+                f"{self.vocab_size} rows: a tokenizer of another model?"
+            )
         self._full = copy.deepcopy(tokenizer)
         self._full.model_max_length = NO_LIMIT  # measuring full length is not an error
         self.layout = TokenLayout.of(tokenizer, max_length)

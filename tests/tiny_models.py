@@ -126,13 +126,11 @@ def make_rm(
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     config_cls, model_cls, arch_kwargs = _ARCHS[arch]
+    defaults = {"vocab_size": VOCAB_SIZE, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID}
     config = config_cls(
-        vocab_size=VOCAB_SIZE,
         num_labels=num_labels,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
-        **(arch_kwargs | (config_overrides or {})),
+        **(defaults | arch_kwargs | (config_overrides or {})),
     )
     model = model_cls(config)
     with torch.no_grad():  # jitter every tensor so that no weight (LayerNorm, biases) is seed-free

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from live import live_server
+from tiny_models import make_rm
 
 from service.admission import QueueLimits
 from service.backends.base import ModelInfo, OutOfMemory
 from service.batcher import Batcher
 from service.batching import BatchLimits
 from service.errors import ErrorType, ServiceError
+from service.loader import LoadError, load_model
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -143,3 +145,18 @@ def test_the_transformers_backend_reports_out_of_memory_as_such(
     with pytest.raises(OutOfMemory, match="Tried to allocate"):
         backend.forward([[5, 6]])
     assert backend.failure() is None  # memory, not a broken device
+
+
+def test_a_tokenizer_with_ids_past_the_embedding_is_refused_at_load(
+    tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    # The tiny tokenizer has 300 ids; an embedding of 200 rows would crash a GPU mid-serving.
+    model = make_rm(
+        tmp_path / "rm",
+        "gpt2",
+        seed=0,
+        tokenizer_dir=tiny_tokenizer_dir,
+        config_overrides={"vocab_size": 200},
+    )
+    with pytest.raises(LoadError, match="token id 299, but the model's embedding has 200 rows"):
+        load_model(Settings.model_validate({"model": model, "warmup": False}))
