@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint typecheck unit clean bench-serve bench-prefix bench-rl bench-warm bench-compat
+.PHONY: demo test lint typecheck unit clean bench-serve bench-prefix bench-rl bench-warm bench-compat gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench-rl: $(STAMP)
 # The WARM paper's claims at small scale (under an hour on 2 cores): benchmarks/warm_repro.
 bench-warm: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/warm_repro/run.py --append
+
+# On a GPU host, with its own Python (CUDA torch; the script names what else it needs):
+# about 8 minutes, results into RESULTS.md. CI runs it as `--dry-run` (tests/benchmarks).
+gpu-check:
+	PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --append
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

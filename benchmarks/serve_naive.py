@@ -25,10 +25,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 class NaiveScorer:
     """A sequence-classification model and its tokenizer, scored one request at a time."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(
+        self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
-        self.model = model.eval()
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
         self.max_length = min(self.tokenizer.model_max_length, model.config.max_position_embeddings)
 
     @torch.inference_mode()
@@ -38,7 +41,8 @@ class NaiveScorer:
             texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
         )
         logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            input_ids=batch["input_ids"].to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
         ).logits
         return [float(x) for x in logits[:, 0]]
 
@@ -67,8 +71,10 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True, help="*ForSequenceClassification dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
-    scorer = NaiveScorer(args.model)
+    scorer = NaiveScorer(args.model, args.device, getattr(torch, args.dtype))
     scorer.rewards(["warm up"] * 2)
     uvicorn.run(
         create_app(scorer), host=args.host, port=args.port, log_level="warning", access_log=False
