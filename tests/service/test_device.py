@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from merger.scoring import resolve_device
 from service.backends.transformers import TransformersBackend
 from service.backends.vllm import engine_limits
 from service.device import Target, device_plan, trunk_dtype
+from service.loader import core_share
 from service.settings import Settings
 
 CPU = Target(torch.device("cpu"))
@@ -98,3 +100,19 @@ def test_a_cpu_backend_never_pins_host_memory(gpt2_rm: Path) -> None:
     )
     assert not backend.pin and backend.info.dtype == "float32"
     assert backend.forward([[5, 6, 7]]).shape == (1, 1)
+
+
+def test_with_cuda_present_auto_plans_for_the_gpu_and_no_cpu_only_branch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the loader computes on a GPU host, with torch told that CUDA is there.
+    props = SimpleNamespace(major=9, minor=0, total_memory=80 << 30, name="NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: props)
+    device = resolve_device("auto")
+    assert device.type == "cuda"
+    plan = device_plan(Target.probe(device), config("float32"), Settings())
+    assert Target.probe(device).kind == "cuda-large" and Target.probe(device).ampere
+    assert plan.dtype is torch.bfloat16 and not plan.share_cores and plan.pin_memory
+    assert not plan.compile_freezing and "cpp.threads" not in plan.compile_options
+    assert core_share(Settings(), plan.share_cores) is None  # one forward at a time
