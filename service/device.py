@@ -17,6 +17,8 @@ import torch
 from service.settings import Settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The reward head's dtype, whatever the trunk's: rewards carry no 16-bit rounding of their own.
+HEAD_DTYPE = torch.float32
 # Compute capability from which bf16 and TF32 run natively (Ampere).
 AMPERE = (8, 0)
 # Devices with at least this much memory (H100, H200, A100 80GB) get the larger defaults.
@@ -131,7 +133,7 @@ def device_plan(target: Target, config: Any, settings: Settings) -> DevicePlan:
     return DevicePlan(
         device=target.device,
         dtype=dtype,
-        head_dtype=torch.float32,
+        head_dtype=HEAD_DTYPE,
         tf32=cuda and target.ampere and dtype == torch.float32,
         share_cores=not cuda and settings.backend == "transformers",
         pin_memory=pins_memory(target),

@@ -43,7 +43,7 @@ from merger.scoring import (
     resolve_device,
 )
 from service.backends.base import ModelInfo, OutOfMemory
-from service.device import Target, compile_settings, pins_memory, trunk_dtype
+from service.device import HEAD_DTYPE, Target, compile_settings, pins_memory, trunk_dtype
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ class TransformersBackend:
         # through the pad id: give them one (composite configs read their text config's).
         model.config.pad_token_id = pad_token_id
         model.config.get_text_config().pad_token_id = pad_token_id
-        # The reward head runs in fp32 whatever the trunk's dtype (`place`).
-        self.model = RewardForward(place(model, self.device, torch_dtype, torch.float32).eval())
+        self.model = RewardForward(place(model, self.device, torch_dtype, HEAD_DTYPE).eval())
         self.pad_token_id = pad_token_id
         self._failure: str | None = None
         self.run: Callable[..., Any] = self.model
