@@ -19,7 +19,7 @@ from merger.errors import VerifyError
 from merger.hashing import sha256_file
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from merger.scoring import filler_id, resolve_device
-from service.backends.base import Backend
+from service.backends.base import Backend, OutOfMemory
 from service.backends.transformers import CompileError, TransformersBackend
 from service.budget import calibrate
 from service.cores import CoreShare
@@ -168,13 +168,17 @@ def load_model(settings: Settings) -> LoadedModel:
     elif settings.warmup or overhead is None:
         # Under load, side-by-side forwards run on one thread each: time batches as they run.
         beside = cores is not None and cores.workers == cores.threads
-        measured = calibrate(
-            backend,
-            encoder,
-            plan.max_batch_size,
-            plan.max_batch_tokens,
-            threads=1 if beside else None,
-        )
+        try:
+            measured = calibrate(
+                backend,
+                encoder,
+                plan.max_batch_size,
+                plan.max_batch_tokens,
+                threads=1 if beside else None,
+            )
+        except OutOfMemory as error:
+            backend.close()
+            raise LoadError(f"{model_dir}: warm-up: {error}") from error
         overhead = measured.overhead_tokens if overhead is None else overhead
         budget = measured.batch_tokens if settings.tune_batch_tokens else budget
     id2label = getattr(config, "id2label", None) or {}

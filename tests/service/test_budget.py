@@ -93,9 +93,10 @@ def test_calibration_times_doubling_batches_twice_and_picks_a_measured_budget(
     recording = Recording(backend)
     encoder = Encoder(tokenizer, max_length=64, separator="\n")
     got = calibrate(recording, encoder, 8, 300)  # type: ignore[arg-type]
-    # Items of 64 tokens: 4 x 64 fits 300 tokens, 8 x 64 does not. The largest batch and a
-    # ragged pair warm up first, then 1, 2 and 4 items are each timed twice.
-    assert recording.sizes == [4, 2, 1, 1, 2, 2, 4, 4]
+    # Items of 64 tokens: 4 x 64 fits 300 tokens, 8 x 64 does not. A ragged pair warms up
+    # first, then 1, 2 and 4 items are each timed twice (on a CPU nothing confirms the
+    # budget with the longest items: memory does not limit it).
+    assert recording.sizes == [2, 1, 1, 2, 2, 4, 4]
     # Batch 4, the largest timed, keeps the configured 300; 1 or 2 items give 64 or 128.
     assert got.batch_tokens in {300, 64, 128}
     assert got.overhead_tokens >= 0

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from live import live_server
 from tiny_models import make_rm
+from transformers import AutoTokenizer
 
 from service.admission import QueueLimits
 from service.backends.base import ModelInfo, OutOfMemory
 from service.batcher import Batcher
 from service.batching import BatchLimits
+from service.budget import calibrate
+from service.encoding import Encoder
 from service.errors import ErrorType, ServiceError
 from service.loader import LoadError, load_model
 from service.metrics import Metrics
@@ -25,17 +28,19 @@ from service.settings import Settings
 
 
 class OutOfMemoryAbove:
-    """A backend whose device holds at most `capacity` padded tokens per forward; its
-    output for an item is the sum of its ids."""
+    """A backend whose device holds a forward of n items padded to L tokens while
+    n * L ** `power` is at most `capacity` (power 2: memory that attention fills); its output
+    for an item is the sum of its ids."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, power: int = 1) -> None:
         self.capacity = capacity
+        self.power = power
         self.info = ModelInfo("Fake", 1, "bfloat16", "cuda:0", max_length=8, backend="fake")
         self.batches: list[int] = []  # sizes of the forwards that fit
         self.freed = 0
 
     def forward(self, sequences: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
-        if max(len(s) for s in sequences) * len(sequences) > self.capacity:
+        if max(len(s) for s in sequences) ** self.power * len(sequences) > self.capacity:
             raise OutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.batches.append(len(sequences))
         return np.array([[float(sum(s))] for s in sequences])
@@ -160,3 +165,49 @@ def test_a_tokenizer_with_ids_past_the_embedding_is_refused_at_load(
     )
     with pytest.raises(LoadError, match="token id 299, but the model's embedding has 200 rows"):
         load_model(Settings.model_validate({"model": model, "warmup": False}))
+
+
+@pytest.fixture(scope="module")
+def long_encoder(bert_rm: Path) -> Encoder:
+    """Items of up to 256 tokens: warm-up times 128-token items, then confirms with 256."""
+    return Encoder(AutoTokenizer.from_pretrained(bert_rm), max_length=256, separator="\n")
+
+
+def test_warm_up_stops_doubling_at_the_first_batch_out_of_memory(long_encoder: Encoder) -> None:
+    backend = OutOfMemoryAbove(capacity=4 * 128 + 100)  # 4 items of 128 tokens fit, 8 do not
+    got = calibrate(backend, long_encoder, 64, 16384)  # type: ignore[arg-type]
+    assert 8 not in backend.batches and 4 in backend.batches
+    assert backend.freed == 1
+    # Never more than ran: 4 x 128 tokens, confirmed by 2 items of 256.
+    assert long_encoder.max_length <= got.batch_tokens <= 4 * 128
+    assert backend.batches[-1] == got.batch_tokens // 256
+
+
+def test_warm_up_halves_a_budget_that_the_longest_items_do_not_fit(
+    long_encoder: Encoder,
+) -> None:
+    # Memory grows with the square of the length: 4 items of 128 tokens fit, and so does
+    # one item of 256, but not 2 (the 512-token budget measured on short items).
+    backend = OutOfMemoryAbove(capacity=4 * 128**2, power=2)
+    got = calibrate(backend, long_encoder, 64, 16384)  # type: ignore[arg-type]
+    assert got.batch_tokens == 256
+    assert backend.batches[-1] == 1
+
+
+def test_warm_up_fails_when_one_item_of_the_longest_length_does_not_fit(
+    long_encoder: Encoder,
+) -> None:
+    backend = OutOfMemoryAbove(capacity=128**2 + 1, power=2)  # one 128-token item, no 256
+    with pytest.raises(OutOfMemory, match=r"one item of 256 tokens .* lower --max-length"):
+        calibrate(backend, long_encoder, 64, 16384)  # type: ignore[arg-type]
+
+
+def test_a_model_that_cannot_warm_up_is_refused_at_load(
+    bert_rm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def oom(*_: object, **__: object) -> None:
+        raise OutOfMemory("one item of 512 tokens does not fit the device's memory")
+
+    monkeypatch.setattr("service.loader.calibrate", oom)
+    with pytest.raises(LoadError, match="warm-up: one item of 512 tokens does not fit"):
+        load_model(Settings.model_validate({"model": bert_rm, "device": "cpu"}))
