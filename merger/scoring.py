@@ -110,11 +110,35 @@ HEAD_MODULES = ("score", "classifier", "v_head")
 
 def reward_head(model: nn.Module) -> nn.Module | None:
     """The model's reward head (`score`, `classifier` or `v_head`), if it has one of those."""
+    named = _named_head(model)
+    return named[1] if named else None
+
+
+def _named_head(model: nn.Module) -> tuple[str, nn.Module] | None:
     for name in HEAD_MODULES:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
-            return head
+            return name, head
     return None
+
+
+def saved_head(model_dir: Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The reward head's tensors as `model_dir`'s safetensors files hold them (their saved
+    dtype, on the CPU), keyed as the head's `state_dict`; None where the model has no known
+    head or the files do not hold every tensor of it under the model's names."""
+    from safetensors import safe_open
+
+    named = _named_head(model)
+    if named is None:
+        return None
+    name, head = named
+    wanted = {f"{name}.{key}": key for key in head.state_dict()}
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt", device="cpu") as shard:
+            for key in wanted.keys() & set(shard.keys()):
+                found[wanted[key]] = shard.get_tensor(key)
+    return found if len(found) == len(wanted) else None
 
 
 def _to_head_dtype(dtype: torch.dtype) -> Any:
@@ -128,18 +152,24 @@ def _to_head_dtype(dtype: torch.dtype) -> Any:
 
 
 def place(
-    model: nn.Module, device: torch.device, dtype: torch.dtype, head_dtype: torch.dtype
+    model: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dtype: torch.dtype,
+    saved: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """`model` moved to `device`: its trunk in `dtype`, its reward head in `head_dtype`.
 
-    The head keeps the weights as loaded (never rounded through `dtype` on the way) and
-    casts its inputs, the trunk's hidden states, to `head_dtype`: with a bf16 trunk and an
-    fp32 head, a reward carries the trunk's rounding only, not a bf16 rounding of its own.
+    The head takes the `saved` weights (`saved_head`: the checkpoint's own, for a model
+    loaded straight in `dtype`), else the weights as loaded, never rounded through `dtype` on
+    the way, and casts its inputs, the trunk's hidden states, to `head_dtype`: with a bf16
+    trunk and an fp32 head, a reward carries the trunk's rounding only, not a bf16 rounding
+    of its own.
     """
     head = reward_head(model)
-    if head is None or head_dtype == dtype:
+    if head is None or head_dtype == dtype:  # loaded in head_dtype: as saved, or exact
         return model.to(device=device, dtype=dtype)
-    loaded = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    loaded = saved or {k: v.detach().clone() for k, v in head.state_dict().items()}
     model.to(device=device, dtype=dtype)
     head.to(dtype=head_dtype)
     head.load_state_dict(loaded)  # copied into the head_dtype parameters

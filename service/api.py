@@ -150,6 +150,7 @@ async def models(request: Request) -> ModelList:
         architecture=info.architecture,
         num_labels=info.num_labels,
         dtype=info.dtype,
+        head_dtype=info.head_dtype,
         device=info.device,
         backend=info.backend,
         compiled=info.compiled,

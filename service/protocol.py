@@ -324,7 +324,12 @@ class ModelCard(BaseModel):
     )
     architecture: str
     num_labels: int
-    dtype: str
+    dtype: str = Field(description="The dtype the model's trunk runs in.")
+    head_dtype: str = Field(
+        "float32",
+        description="The dtype the reward head runs in, on the trunk's last hidden state cast "
+        "to it: float32 on both backends whatever the trunk's dtype.",
+    )
     device: str
     backend: str
     compiled: bool = Field(

@@ -25,6 +25,7 @@ class ModelInfo:
     max_length: int
     backend: str
     compiled: bool = False  # torch.compile'd by warm-serve (the transformers backend's --compile)
+    head_dtype: str = "float32"  # the reward head's (the trunk runs in `dtype`)
 
 
 class Backend(Protocol):

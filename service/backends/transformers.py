@@ -41,9 +41,18 @@ from merger.scoring import (
     pad_right,
     place,
     resolve_device,
+    reward_head,
+    saved_head,
 )
 from service.backends.base import ModelInfo, OutOfMemory
-from service.device import HEAD_DTYPE, Target, compile_settings, pins_memory, trunk_dtype
+from service.device import (
+    HEAD_DTYPE,
+    Target,
+    compile_settings,
+    pins_memory,
+    saved_dtype,
+    trunk_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +155,37 @@ class TransformersBackend:
         target = Target.probe(self.device)
         self.pin = pins_memory(target)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        torch_dtype = trunk_dtype(target, config, dtype)
+        # Straight onto the device in the trunk's dtype, shard by shard: a model never sits
+        # whole in host memory (a 14B bf16 model would not fit the pod's memory limit).
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
-            dtype="auto",
+            dtype=torch_dtype,
+            device_map=self.device,
             attn_implementation=attention_implementation(config),
         )
-        torch_dtype = trunk_dtype(target, model.config, dtype)
+        # The head's weights as saved: loading in the trunk's dtype has rounded them.
+        saved = saved_head(model_dir, model) if torch_dtype != HEAD_DTYPE else None
+        rounded = saved_dtype(config) not in (torch_dtype, None)
+        if (
+            saved is None
+            and rounded
+            and torch_dtype != HEAD_DTYPE
+            and reward_head(model) is not None
+        ):
+            log.warning(
+                "%s: the reward head's tensors are not in the checkpoint under the model's "
+                "names; its weights are rounded to %s",
+                model_dir,
+                torch_dtype,
+            )
         # Models RewardForward does not pool itself (remote code with other heads) pool
         # through the pad id: give them one (composite configs read their text config's).
         model.config.pad_token_id = pad_token_id
         model.config.get_text_config().pad_token_id = pad_token_id
-        self.model = RewardForward(place(model, self.device, torch_dtype, HEAD_DTYPE).eval())
+        self.model = RewardForward(place(model, self.device, torch_dtype, HEAD_DTYPE, saved).eval())
         self.pad_token_id = pad_token_id
         self._failure: str | None = None
         self.run: Callable[..., Any] = self.model
@@ -180,6 +207,10 @@ class TransformersBackend:
             max_length=max_length,
             backend="transformers",
             compiled=compile,
+            # Remote code with a head of another name runs it in the trunk's dtype.
+            head_dtype=str(
+                HEAD_DTYPE if reward_head(model) is not None else torch_dtype
+            ).removeprefix("torch."),
         )
 
     def _compile_now(self, thread_counts: Sequence[int]) -> None:

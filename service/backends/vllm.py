@@ -39,7 +39,7 @@ import torch
 from prometheus_client import REGISTRY, Metric
 
 from service.backends.base import ModelInfo
-from service.device import Target, trunk_dtype
+from service.device import HEAD_DTYPE, Target, trunk_dtype
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ class VLLMBackend:
             kv_cache_memory_bytes=kv_bytes,
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
+            # Pooling heads default to fp32 in vLLM; a config's own `head_dtype` would not.
+            hf_overrides={"head_dtype": str(HEAD_DTYPE).removeprefix("torch.")},
             **engine_limits(max_num_batched_tokens, max_num_seqs, max_length),
         )
         if enable_prefix_caching and not args.create_model_config().is_prefix_caching_supported:
@@ -211,6 +213,13 @@ class VLLMBackend:
             raise
         cache = self.engine.vllm_config.cache_config
         self.prefix_caching = bool(cache.enable_prefix_caching)
+        head_dtype = self.engine.vllm_config.model_config.head_dtype
+        if head_dtype != HEAD_DTYPE:  # vLLM falls back to the trunk's on some platforms
+            self.close()
+            raise ValueError(
+                f"vLLM runs the reward head in {head_dtype} on {platform}, not {HEAD_DTYPE}: "
+                "its rewards would differ from the transformers backend's"
+            )
         architectures = getattr(config, "architectures", None) or ["unknown"]
         self.info = ModelInfo(
             architecture=str(architectures[0]),
@@ -219,6 +228,7 @@ class VLLMBackend:
             device=platform,
             max_length=max_length,
             backend="vllm",
+            head_dtype=str(head_dtype).removeprefix("torch."),
         )
         try:  # one tiny forward: a model the engine cannot run fails the load, not a request
             self.forward([[0]])

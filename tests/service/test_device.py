@@ -116,3 +116,36 @@ def test_with_cuda_present_auto_plans_for_the_gpu_and_no_cpu_only_branch(
     assert plan.dtype is torch.bfloat16 and not plan.share_cores and plan.pin_memory
     assert not plan.compile_freezing and "cpp.threads" not in plan.compile_options
     assert core_share(Settings(), plan.share_cores) is None  # one forward at a time
+
+
+class Loaded(Exception):
+    """Raised by a patched from_pretrained, with the arguments it was called with."""
+
+
+def test_on_a_gpu_weights_load_straight_onto_it_in_the_trunk_dtype(
+    monkeypatch: pytest.MonkeyPatch, gpt2_rm: Path
+) -> None:
+    # A full host copy first would not fit the pod's memory limit for a 14B model.
+    props = SimpleNamespace(major=9, minor=0, total_memory=80 << 30, name="NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: props)
+
+    def from_pretrained(*_: object, **kwargs: object) -> None:
+        raise Loaded(kwargs)
+
+    monkeypatch.setattr(
+        "service.backends.transformers.AutoModelForSequenceClassification.from_pretrained",
+        from_pretrained,
+    )
+    with pytest.raises(Loaded) as loaded:
+        TransformersBackend(
+            gpt2_rm,
+            device="auto",
+            dtype="auto",
+            max_length=16,
+            pad_token_id=0,
+            trust_remote_code=False,
+        )
+    kwargs = loaded.value.args[0]
+    assert kwargs["device_map"] == torch.device("cuda")
+    assert kwargs["dtype"] is torch.bfloat16  # the fp32 checkpoint's trunk, in bf16

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from live import live_server, wait_until
+from on_device import assert_rewards_agree
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 from tiny_models import ONE_HEAD, make_rm
@@ -117,6 +118,41 @@ def test_scores_equal_transformers(both: tuple[LoadedModel, LoadedModel], side: 
     # Order is kept whatever vLLM's scheduling: reversed input, reversed output.
     np.testing.assert_allclose(served.backend.forward(ids[::-1]), got[::-1], rtol=0, atol=1e-6)
     np.testing.assert_allclose(served.backend.forward(ids[3:4]), got[3:4], rtol=0, atol=1e-6)
+
+
+@pytest.mark.vllm
+def test_with_a_bf16_trunk_both_backends_run_an_fp32_head(
+    tmp_path: Path, tiny_tokenizer_dir: Path, needs_vllm: None
+) -> None:
+    # The checkpoint asks vLLM for a head in the model's dtype; the service overrides it.
+    model_dir = make_rm(
+        tmp_path / "rm",
+        "gpt2",
+        seed=17,
+        tokenizer_dir=tiny_tokenizer_dir,
+        config_overrides={**ONE_HEAD, "head_dtype": "model", "initializer_range": 0.2},
+    )
+    common = {"max_length": 24, "dtype": "bfloat16", **QUICK}
+    reference = load_model(settings(model_dir, **common))
+    served = load_model(settings(model_dir, **common, **VLLM))
+    exact = load_model(settings(model_dir, **{**common, "dtype": "float32"}))
+    try:
+        engine_head = served.backend.engine.vllm_config.model_config.head_dtype  # type: ignore[attr-defined]
+        ids = [
+            e.ids
+            for e in reference.encoder.encode_texts([text_of(n, n) for n in range(1, 25)], "left")
+        ]
+        got = served.backend.forward(ids)[:, 0]
+        want = reference.backend.forward(ids)[:, 0]
+        fp32 = exact.backend.forward(ids)[:, 0]
+    finally:
+        served.backend.close()
+    assert engine_head is torch.float32
+    assert served.backend.info.head_dtype == reference.backend.info.head_dtype == "float32"
+    assert served.backend.info.dtype == reference.backend.info.dtype == "bfloat16"
+    assert_rewards_agree(got, want, "bfloat16")  # vLLM against transformers, both bf16
+    assert_rewards_agree(got, fp32, "bfloat16")
+    assert not np.allclose(got, fp32, rtol=0, atol=1e-6)  # the trunk really ran in bf16
 
 
 def score_and_rerank(live: Any, prompt: str, candidates: list[str]) -> dict[str, Any]:
