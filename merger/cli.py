@@ -1,5 +1,5 @@
-"""`warm-merge`: fine-tune, build, inspect, verify and diagnose WARM artifacts (parse, validate,
-delegate)."""
+"""`warm-merge`: fine-tune, build, inspect, verify, diagnose and calibrate WARM artifacts (parse,
+validate, delegate)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from merger.checkpoints import input_files
 from merger.config import MergeSpec, Method
 from merger.console import err, fail, out, progress_bars, spec_error
 from merger.errors import MergeError
+from merger.formatting import DEFAULT_SEPARATOR
 from merger.hashing import FileHashes
 from merger.recipe.cli import finetune
 
@@ -239,6 +240,65 @@ def diagnose(
         )
     out.print(f"barrier {diag.barrier:+.3f} (<= 0: linearly mode connected)")
     out.print(f"wrote {json_path} and {png_path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def calibrate(
+    artifact: Annotated[Path, typer.Argument(help="A WARM artifact directory (updated in place).")],
+    data: Annotated[
+        Path, typer.Option(help="Preference pairs: JSONL of prompt, chosen, rejected.")
+    ],
+    golden: Annotated[
+        int, typer.Option(min=0, help="Responses in the golden set the server checks at startup.")
+    ] = 64,
+    holdout: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of pairs held out of the fit.")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the fit / held-out split.")] = 0,
+    max_length: Annotated[int, typer.Option(min=1, help="Tokens per response (truncated).")] = 512,
+    separator: Annotated[
+        str, typer.Option(help="Between prompt and response, for models without a chat template.")
+    ] = DEFAULT_SEPARATOR,
+    truncation_side: Annotated[
+        str, typer.Option(help="Where over-long responses are cut: left or right.")
+    ] = "left",
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 16,
+) -> None:
+    """Record what the artifact's rewards mean: statistics, a Bradley-Terry temperature and a
+    golden set, in warm_calibration.json (the manifest and fingerprint are updated)."""
+    from merger.calibration import calibrate_artifact
+    from merger.manifest import read_manifest
+    from merger.preferences import read_preferences
+
+    if truncation_side not in {"left", "right"}:
+        fail(f"--truncation-side {truncation_side!r}: left or right")
+    try:
+        pairs = read_preferences(data)
+        with err.status(f"scoring {len(pairs)} pairs"):
+            calibration = calibrate_artifact(
+                artifact,
+                data,
+                pairs,
+                golden=golden,
+                holdout=holdout,
+                seed=seed,
+                max_length=max_length,
+                separator=separator,
+                truncation_side=truncation_side,
+                batch_size=batch_size,
+            )
+    except (MergeError, ValueError, OSError) as exc:
+        fail(str(exc))
+    r, t = calibration.rewards, calibration.temperature
+    out.print(f"rewards of {r.count} responses: mean {r.mean:.4g}, std {r.std:.4g}")
+    out.print(
+        f"temperature {t.value:.4g} (fit on {t.fit_pairs} pairs); held-out {t.after.pairs} "
+        f"pairs: accuracy {t.after.accuracy:.3f}, log-loss {t.before.log_loss:.4f} at T=1 -> "
+        f"{t.after.log_loss:.4f}"
+    )
+    out.print(f"golden set: {len(calibration.golden)} responses")
+    manifest = read_manifest(artifact)
+    out.print(f"fingerprint {manifest.fingerprint[:16]}", highlight=False)
 
 
 app.command()(finetune)  # the recipe's command, listed after the merge's own

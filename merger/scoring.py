@@ -215,7 +215,13 @@ def batch_texts(
     tokenised by the input contract (`TokenLayout`) and cut to `max_length` from `side`."""
     layout = TokenLayout.of(tokenizer, max_length)
     ids = [row for row, _ in layout.encode(tokenizer, texts, side)]
-    pad = filler_id(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return id_batches(ids, filler_id(tokenizer.pad_token_id, tokenizer.eos_token_id), batch_size)
+
+
+def id_batches(
+    ids: Sequence[Sequence[int]], pad: int, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches ({input_ids, attention_mask}) of token-id rows, in order."""
     batches = []
     for start in range(0, len(ids), batch_size):
         input_ids, mask = pad_right(ids[start : start + batch_size], pad)
