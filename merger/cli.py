@@ -297,6 +297,12 @@ def calibrate(
         f"{t.after.log_loss:.4f}"
     )
     out.print(f"golden set: {len(calibration.golden)} responses")
+    if len(calibration.golden) < min(golden, calibration.rewards.count):
+        err.print(
+            f"warning: a golden set of {len(calibration.golden)}, not {golden}: the other "
+            f"responses were truncated at --max-length {max_length}",
+            highlight=False,
+        )
     manifest = read_manifest(artifact)
     out.print(f"fingerprint {manifest.fingerprint[:16]}", highlight=False)
 

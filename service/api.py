@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service.errors import Dialect, ErrorType, ServiceError
+from service.loader import LoadedModel
 from service.openapi import WarmError, error_responses
 from service.protocol import (
     FINGERPRINT_HEADER,
+    CalibrationCard,
     Document,
     GetRewardRequest,
     GetRewardResponse,
@@ -21,12 +24,31 @@ from service.protocol import (
     ModelList,
     RerankRequest,
     RerankResponse,
+    Scale,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    SelfCheckCard,
     Status,
 )
 from service.state import Scored, ServiceState
+
+
+def scale_of(model: LoadedModel) -> Scale:
+    """What `reward` means for the served model: raw, with its calibration if it has one."""
+    c = model.calibration
+    if c is None:
+        return Scale()
+    return Scale(
+        calibration=CalibrationCard(
+            mean=c.rewards.mean,
+            std=c.rewards.std,
+            quantiles=c.rewards.quantiles,
+            temperature=c.temperature.value,
+            responses=c.rewards.count,
+            data_sha256=c.data.sha256,
+        )
+    )
 
 
 def state_of(request: Request) -> ServiceState:
@@ -156,6 +178,8 @@ async def models(request: Request) -> ModelList:
         compiled=info.compiled,
         max_length=info.max_length,
         chat_template=model.encoder.chat_template,
+        scale=scale_of(model),
+        self_check=None if state.self_check is None else SelfCheckCard(**asdict(state.self_check)),
         limits=Limits(
             max_items_per_request=s.max_items_per_request,
             max_chars_per_item=s.max_chars_per_item,

@@ -14,8 +14,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from merger.calibration import CALIBRATION_NAME, Calibration, read_calibration
 from merger.checkpoints import TOKENIZER_FILES
-from merger.errors import VerifyError
+from merger.errors import MergeError, VerifyError
 from merger.hashing import sha256_file
 from merger.manifest import MANIFEST_NAME, compute_fingerprint, read_manifest
 from merger.scoring import filler_id, resolve_device
@@ -58,6 +59,7 @@ class LoadedModel:
     cores: CoreShare | None = None  # forwards run side by side on a CPU, sharing its threads
     labels: tuple[str, ...] = ("LABEL_0",)  # the config's id2label, one name per output
     problem_type: str | None = None  # the config's: decides the activation APIs apply
+    calibration: Calibration | None = None  # the artifact's (warm-merge calibrate)
 
     def names(self, served: list[str], model_arg: Path | None) -> tuple[str, ...]:
         """The names a request's `model` field may carry: --served-model-name, else the model
@@ -103,6 +105,26 @@ def identity(model_dir: Path) -> tuple[str, dict[str, Any] | None]:
     files = [model_dir / n for n in names if (model_dir / n).is_file()]
     files += sorted(model_dir.glob("*.safetensors"))
     return compute_fingerprint({f.name: sha256_file(f) for f in files}), None
+
+
+def calibration_of(model_dir: Path) -> Calibration | None:
+    """The artifact's calibration, checked against the SHA-256 its manifest lists (None: no
+    manifest, or no calibration); a LoadError if it is changed, invalid or not listed."""
+    path = model_dir / CALIBRATION_NAME
+    if not (model_dir / MANIFEST_NAME).is_file():
+        return None
+    try:
+        listed = read_manifest(model_dir).files.get(CALIBRATION_NAME)
+    except MergeError as error:
+        raise LoadError(str(error)) from error
+    if listed is None:
+        if path.is_file():
+            raise LoadError(f"{path}: not listed in the manifest (run warm-merge verify)")
+        return None
+    try:
+        return read_calibration(model_dir, listed)
+    except MergeError as error:
+        raise LoadError(str(error)) from error
 
 
 def model_limit(tokenizer: Any, config: Any) -> int | None:
@@ -157,6 +179,7 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
+    calibration = calibration_of(model_dir)
     cores = core_share(settings, plan.share_cores)
     threads = cores.counts if cores else (torch.get_num_threads(),)
     backend = make_backend(
@@ -197,6 +220,7 @@ def load_model(settings: Settings) -> LoadedModel:
         batch_size=plan.max_batch_size,
         batch_tokens=budget,
         cores=cores,
+        calibration=calibration,
     )
 
 

@@ -33,6 +33,15 @@ class Metrics:
             ["model", "fingerprint", "dtype", "device", "backend"],
             registry=r,
         )
+        self.self_check = Gauge(
+            "warm_self_check", "The startup self-check's result (value 1): passed, failed, warned "
+            "(failed under --self-check warn), skipped (no golden set), or off.",
+            ["status"], registry=r,
+        )  # fmt: skip
+        self.self_check_deviation = Gauge(
+            "warm_self_check_max_deviation", "The self-check's largest |served - recorded| "
+            "reward over the golden set.", registry=r,
+        )  # fmt: skip
         self.requests = Counter(
             "warm_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],
             registry=r,

@@ -311,6 +311,44 @@ class Limits(BaseModel):
     max_batch_tokens: int
 
 
+class CalibrationCard(BaseModel):
+    """What the artifact's calibration (warm-merge calibrate) recorded about its rewards."""
+
+    mean: float = Field(description="Mean reward of the reference responses.")
+    std: float = Field(description="Their population standard deviation.")
+    quantiles: list[float] = Field(
+        description="Their quantiles at probabilities 0, 0.01, ..., 1 (`quantile` "
+        "normalisation interpolates linearly between them)."
+    )
+    temperature: float = Field(
+        description="Bradley-Terry temperature T: P(a preferred over b) = "
+        "sigmoid((reward_a - reward_b) / T)."
+    )
+    responses: int = Field(description="Reference responses the statistics describe.")
+    data_sha256: str = Field(description="SHA-256 of the preference data calibrated on.")
+
+
+class Scale(BaseModel):
+    """What `reward` means on this server."""
+
+    reward: Literal["raw"] = Field(
+        "raw", description="`reward` is the reward head's raw output (a logit), unnormalised."
+    )
+    calibration: CalibrationCard | None = Field(
+        None, description="Present when the artifact is calibrated."
+    )
+
+
+class SelfCheckCard(BaseModel):
+    """The startup self-check (the artifact's golden set through the serving path)."""
+
+    status: Literal["passed", "warned", "skipped", "off"]
+    checked: int = Field(description="Golden responses scored.")
+    max_deviation: float = Field(description="Largest |served - recorded| reward.")
+    tolerance: float = Field(description="The largest allowed, by the trunk's dtype.")
+    detail: str = Field(description="The worst item, or why nothing was checked.")
+
+
 class ModelCard(BaseModel):
     """GET /v1/models entry: what is served, and where it came from."""
 
@@ -338,6 +376,8 @@ class ModelCard(BaseModel):
     max_length: int
     chat_template: bool
     limits: Limits
+    scale: Scale = Field(default_factory=Scale)
+    self_check: SelfCheckCard | None = None
 
 
 class ModelList(BaseModel):

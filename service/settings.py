@@ -74,6 +74,20 @@ class Settings(BaseSettings):
         DEFAULT_SEPARATOR,
         description="Joins prompt and response when the tokenizer has no chat template.",
     )
+    self_check: Literal["off", "warn", "fail"] = Field(
+        "fail",
+        description="At startup, score the artifact's golden set (warm-merge calibrate) "
+        "through the serving path and compare with its recorded rewards: 'fail' never turns "
+        "ready and exits non-zero on a difference past the dtype's tolerance, 'warn' logs it "
+        "and serves, 'off' skips it. Artifacts without a golden set start as usual.",
+    )
+    self_check_tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="The self-check's largest allowed |served - recorded| reward, in reward "
+        "units (default: 1e-4 in float32; 10% of the reference rewards' std in bfloat16, 2% "
+        "in float16).",
+    )
     reward_index: int = Field(
         0, ge=0, description="Which output of a multi-head model is reported as `reward`."
     )

@@ -26,6 +26,7 @@ from service.errors import ErrorType, ServiceError
 from service.loader import LoadedModel, load_model
 from service.metrics import Metrics
 from service.protocol import Item, Usage
+from service.self_check import SelfCheck, SelfCheckFailed, run_self_check, verdict
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ServiceState:
         self.metrics = metrics
         self.model: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
+        self.self_check: SelfCheck | None = None
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
@@ -105,6 +107,7 @@ class ServiceState:
             limits = BatchLimits(model.batch_size, model.batch_tokens, model.overhead_tokens)
             self.scheduler = Batcher(model.backend, limits, queue, self.metrics, model.cores)
         await self.scheduler.start(self.model_thread)
+        self.self_check = await self._self_check(model)
         if s.front_nice:
             # The tokeniser thread first: it may be created now, from this thread.
             await loop.run_in_executor(self.tokenizer_pool, lower_priority, s.front_nice)
@@ -135,6 +138,34 @@ class ServiceState:
             model.model_id, info.architecture, ", torch.compile" if info.compiled else "",
             info.dtype, info.device, info.max_length, how,
         )  # fmt: skip
+
+    async def _self_check(self, model: LoadedModel) -> SelfCheck:
+        """Score the golden set through the scheduler just started; SelfCheckFailed under
+        --self-check fail when it fails (the load fails: never ready, the server exits)."""
+        assert self.scheduler is not None
+        s = self.settings
+        if model.calibration is None or not model.calibration.golden:
+            log.info("no golden set in the model (warm-merge calibrate makes one): no self-check")
+            result = SelfCheck("skipped", detail="no golden set")
+        elif s.self_check == "off":
+            result = SelfCheck("off")
+        else:
+            result = verdict(
+                await run_self_check(
+                    self.scheduler,
+                    model.encoder,
+                    model.calibration,
+                    model.backend.info.dtype,
+                    reward_index=s.reward_index,
+                    override=s.self_check_tolerance,
+                ),
+                s.self_check,
+            )
+        self.metrics.self_check.labels(result.status).set(1)
+        self.metrics.self_check_deviation.set(result.max_deviation)
+        if result.status == "failed":
+            raise SelfCheckFailed(result.detail)
+        return result
 
     def start_draining(self) -> None:
         """Stop reporting ready (SIGTERM): load balancers stop sending new work."""

@@ -1,0 +1,225 @@
+"""The startup self-check, on a calibrated Llama-3 artifact served for real: it passes on both
+backends when nothing is wrong, and the pod never turns ready when the served model is broken
+the ways users break it (another tokenizer, a changed template, a doubled BOS, a changed
+weight, a wrong head)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from families import make_family_rm, tokenizer_of
+from live import live_server, wait_until
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_models import CORPUS
+
+from merger.build import run_merge
+from merger.calibration import calibrate_artifact
+from merger.config import MergeSpec
+from merger.plan import plan_merge
+from merger.preferences import Preference, write_preferences
+from service.self_check import SelfCheck, tolerance, verdict
+from service.settings import Settings
+
+PAIRS = [
+    Preference(prompt=f"Question {i}: what does it do?", chosen=CORPUS[i * 5], rejected=CORPUS[-i])
+    for i in range(1, 33)
+]
+GOLDEN = 16
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A WARM artifact of two tiny Llama-3 RMs (chat template, no pad token), calibrated."""
+    root = tmp_path_factory.mktemp("self_check")
+    members = [make_family_rm(root / f"m{i}", "llama3", seed=30 + i) for i in range(2)]
+    artifact = root / "warm"
+    run_merge(plan_merge(MergeSpec(inputs=tuple(members))), artifact)
+    data = write_preferences(PAIRS, root / "prefs.jsonl")
+    calibrate_artifact(artifact, data, PAIRS, golden=GOLDEN, max_length=512)
+    return artifact
+
+
+def settings(model: Path, **overrides: Any) -> Settings:
+    return Settings.model_validate({"model": model, "max_length": 512, **overrides})
+
+
+def test_tolerances_follow_the_dtype() -> None:
+    assert tolerance("float32", 5.0) == 1e-4  # absolute, whatever the spread
+    assert tolerance("bfloat16", 2.0) == pytest.approx(0.2)
+    assert tolerance("float16", 2.0) == pytest.approx(0.04)
+
+
+def test_a_failure_warns_or_stops_by_mode() -> None:
+    failed = SelfCheck("failed", 4, 0.5, 1e-4, "golden[2] ...")
+    assert verdict(failed, "warn").status == "warned"
+    stopped = verdict(failed, "fail")
+    assert stopped.status == "failed" and stopped.detail.startswith("self-check failed: golden[2]")
+    assert verdict(SelfCheck("passed", 4, 0.0, 1e-4), "fail").status == "passed"
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [("transformers", "float32"), ("transformers", "bfloat16"), ("vllm", "float32")],
+)
+def test_the_golden_set_passes_through_the_real_serving_path(
+    calibrated: Path, backend: str, dtype: str, request: pytest.FixtureRequest
+) -> None:
+    extra: dict[str, Any] = {"dtype": dtype}
+    if backend == "vllm":
+        request.getfixturevalue("needs_vllm")
+        extra |= {"backend": "vllm", "vllm_enforce_eager": True, "vllm_kv_cache_gib": 0.25}
+    with live_server(settings(calibrated, **extra)) as live, live.client() as client:
+        card = client.get("/v1/models").json()["data"][0]
+        metrics = live.metrics()
+    check = card["self_check"]
+    assert check["status"] == "passed" and check["checked"] == GOLDEN, check
+    assert check["max_deviation"] <= check["tolerance"]
+    if dtype == "float32":
+        assert check["tolerance"] == 1e-4
+    assert metrics['warm_self_check{status="passed"}'] == 1
+    assert metrics["warm_self_check_max_deviation"] == pytest.approx(check["max_deviation"])
+    scale = card["scale"]
+    assert scale["reward"] == "raw" and scale["calibration"]["temperature"] > 0
+    assert len(scale["calibration"]["quantiles"]) == 101
+
+
+def copy_of(artifact: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "broken"
+    shutil.copytree(artifact, out)
+    return out
+
+
+def edit_tokenizer_config(model: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = model / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def another_tokenizer(model: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    tokenizer_of("mistral").save_pretrained(model)
+
+
+def another_template(model: Path) -> None:
+    def change(config: dict[str, Any]) -> None:
+        config["chat_template"] = (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        )
+
+    if (model / "chat_template.jinja").is_file():
+        (model / "chat_template.jinja").write_text(
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        )
+    else:
+        edit_tokenizer_config(model, change)
+
+
+def bos_twice(model: Path) -> None:
+    path = model / "chat_template.jinja"
+    if path.is_file():
+        path.write_text("{{ bos_token }}" + path.read_text())
+    else:
+        edit_tokenizer_config(
+            model, lambda c: c.update(chat_template="{{ bos_token }}" + c["chat_template"])
+        )
+
+
+def edit_weights(model: Path, change: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    path = model / "model.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+        tensors = {k: change(k, fh.get_tensor(k)) for k in fh.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def one_weight_changed(model: Path) -> None:
+    edit_weights(model, lambda k, t: t * 1.05 if k.endswith("layers.1.mlp.down_proj.weight") else t)
+
+
+def another_head(model: Path) -> None:
+    edit_weights(model, lambda k, t: torch.flip(t, dims=[-1]) if k == "score.weight" else t)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "says"),
+    [
+        (another_tokenizer, "not the tokenizer or chat template"),
+        (another_template, "not the tokenizer or chat template"),
+        (bos_twice, "not the tokenizer or chat template"),
+        (one_weight_changed, "served"),
+        (another_head, "served"),
+    ],
+)
+def test_a_broken_model_never_turns_ready(
+    calibrated: Path, tmp_path: Path, breakage: Callable[[Path], None], says: str
+) -> None:
+    broken = copy_of(calibrated, tmp_path)
+    breakage(broken)
+    with live_server(settings(broken), ready=False) as live, live.client() as client:
+        wait_until(lambda: live.state.load_error is not None, 120, "the load to fail")
+        ready = client.get("/ready")
+        metrics = live.metrics()
+    error = live.state.load_error or ""
+    assert ready.status_code == 503 and not live.state.ready
+    assert error.startswith("SelfCheckFailed: self-check failed: golden["), error
+    assert says in error and "tolerance" in error
+    assert metrics['warm_self_check{status="failed"}'] == 1
+
+
+def test_a_wrong_number_of_labels_fails_the_load(calibrated: Path, tmp_path: Path) -> None:
+    broken = copy_of(calibrated, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_labels"] = 2
+    config["id2label"] = {"0": "a", "1": "b"}
+    config["label2id"] = {"a": 0, "b": 1}
+    (broken / "config.json").write_text(json.dumps(config))
+    with live_server(settings(broken), ready=False) as live:
+        wait_until(lambda: live.state.load_error is not None, 120, "the load to fail")
+    assert not live.state.ready
+
+
+def test_warn_serves_a_broken_model_and_says_so(calibrated: Path, tmp_path: Path) -> None:
+    broken = copy_of(calibrated, tmp_path)
+    another_head(broken)
+    with live_server(settings(broken, self_check="warn")) as live, live.client() as client:
+        check = client.get("/v1/models").json()["data"][0]["self_check"]
+        scored = client.post("/v1/score", json={"items": [{"text": "hello"}]})
+    assert check["status"] == "warned" and check["max_deviation"] > check["tolerance"]
+    assert scored.status_code == 200
+    with live_server(settings(broken, self_check="off")) as live, live.client() as client:
+        check = client.get("/v1/models").json()["data"][0]["self_check"]
+    assert check["status"] == "off" and check["checked"] == 0
+
+
+def test_a_plain_model_starts_without_a_self_check(
+    gpt2_rm: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with live_server(Settings.model_validate({"model": gpt2_rm})) as live, live.client() as client:
+        card = client.get("/v1/models").json()["data"][0]
+    assert (
+        card["self_check"]["status"] == "skipped"
+        and card["self_check"]["detail"] == "no golden set"
+    )
+    assert card["scale"] == {"reward": "raw", "calibration": None}
+
+
+def test_warm_serve_exits_non_zero_with_one_line(calibrated: Path, tmp_path: Path) -> None:
+    broken = copy_of(calibrated, tmp_path)
+    another_head(broken)
+    argv = [sys.executable, "-m", "service.cli", "--model", str(broken), "--port", "0",
+            "--max-length", "512"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "self-check failed" in line]
+    assert len(lines) == 1 and "served" in lines[0] and "recorded" in lines[0], done.stderr[-2000:]
