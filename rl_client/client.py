@@ -34,6 +34,7 @@ from service.protocol import (
     Message,
     ModelCard,
     ModelList,
+    Normalize,
     RerankRequest,
     RerankResponse,
     ScoreResponse,
@@ -221,10 +222,14 @@ class AsyncRewardClient:
         items: Sequence[ItemLike],
         *,
         truncation_side: Literal["left", "right"] | None = None,
+        normalize: Normalize | None = None,
         on_failure: FailurePolicy | None = None,
         timeout_s: float | None = None,
     ) -> ScoreBatch:
-        """Rewards of `items` in order, sent as concurrent requests within the server's limits."""
+        """Rewards of `items` in order, sent as concurrent requests within the server's limits.
+
+        `normalize`: what `reward` carries ('none', 'zscore' or 'quantile' over the artifact's
+        calibration; default: the server's); a result's `raw_reward` keeps the raw logit."""
         policy = on_failure or self.config.on_failure
         parsed = [to_item(x) for x in items]
         if not parsed:
@@ -245,6 +250,7 @@ class AsyncRewardClient:
         )
         groups = [[sendable[j] for j in chunk] for chunk in chunks]
         side = f',"truncation_side":"{truncation_side}"' if truncation_side else ""
+        side += f',"normalize":"{normalize}"' if normalize else ""
 
         async def send(group: list[int]) -> None:
             body = b'{"items":[' + b",".join(bodies[i] for i in group) + b"]" + side.encode() + b"}"

@@ -10,11 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service.errors import Dialect, ErrorType, ServiceError
-from service.loader import LoadedModel
 from service.openapi import WarmError, error_responses
 from service.protocol import (
     FINGERPRINT_HEADER,
-    CalibrationCard,
     Document,
     GetRewardRequest,
     GetRewardResponse,
@@ -24,31 +22,14 @@ from service.protocol import (
     ModelList,
     RerankRequest,
     RerankResponse,
-    Scale,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
     SelfCheckCard,
     Status,
 )
+from service.scale import available, normalize, scale_of
 from service.state import Scored, ServiceState
-
-
-def scale_of(model: LoadedModel) -> Scale:
-    """What `reward` means for the served model: raw, with its calibration if it has one."""
-    c = model.calibration
-    if c is None:
-        return Scale()
-    return Scale(
-        calibration=CalibrationCard(
-            mean=c.rewards.mean,
-            std=c.rewards.std,
-            quantiles=c.rewards.quantiles,
-            temperature=c.temperature.value,
-            responses=c.rewards.count,
-            data_sha256=c.data.sha256,
-        )
-    )
 
 
 def state_of(request: Request) -> ServiceState:
@@ -92,12 +73,14 @@ api = APIRouter(dependencies=[Depends(authorize)])
 probes = APIRouter()
 
 
-def results_of(scored: Scored) -> list[ScoreResult]:
-    """Each item's result, in request order."""
+def results_of(scored: Scored, rewards: list[float] | None = None) -> list[ScoreResult]:
+    """Each item's result, in request order; `rewards`: what `reward` carries instead of the
+    raw reward (a normalisation: the raw one is then `raw_reward`)."""
     return [
         ScoreResult(
             index=i,
-            reward=scored.rewards[i],
+            reward=scored.rewards[i] if rewards is None else rewards[i],
+            raw_reward=None if rewards is None else scored.rewards[i],
             rewards=scored.vector(i),
             n_tokens=len(enc.ids),
             truncated=enc.truncated,
@@ -110,9 +93,18 @@ def results_of(scored: Scored) -> list[ScoreResult]:
 @api.post("/score", response_model=ScoreResponse, responses=error_responses(Dialect.WARM))
 async def score(body: ScoreRequest, request: Request) -> Response:
     """Rewards of a batch of items, in request order (`/score` is the same route)."""
-    scored = await state_of(request).score(request, body.items, body.truncation_side)
+    state = state_of(request)
+    how = body.normalize or state.settings.normalize
+    calibration = state.serving().calibration
+    if how != "none":
+        available(how, calibration)  # refused before scoring, not after
+    scored = await state.score(request, body.items, body.truncation_side)
+    carried = None if how == "none" else normalize(scored.rewards, how, calibration)
     response = ScoreResponse(
-        model=scored.model_id, results=results_of(scored), usage=scored.usage()
+        model=scored.model_id,
+        normalize=how,
+        results=results_of(scored, carried),
+        usage=scored.usage(),
     )
     return json_response(response, scored.fingerprint)
 
@@ -144,11 +136,13 @@ async def get_reward(body: GetRewardRequest, request: Request) -> Response:
     """OpenRLHF's remote reward model protocol: `query` holds full prompt+response texts."""
     state = state_of(request)
     scored = await state.score(request, [Item(text=q) for q in body.query], None)
-    rewards = scored.rewards
+    calibration = state.serving().calibration
+    rewards = normalize(scored.rewards, state.settings.normalize, calibration)
+    scores = rewards if calibration is None else normalize(scored.rewards, "quantile", calibration)
     return json_response(
         GetRewardResponse(
             rewards=rewards,
-            scores=rewards,
+            scores=scores,
             extra_logs={
                 "n_tokens": [float(len(e.ids)) for e in scored.encoded],
                 "truncated": [float(e.truncated) for e in scored.encoded],
@@ -178,7 +172,7 @@ async def models(request: Request) -> ModelList:
         compiled=info.compiled,
         max_length=info.max_length,
         chat_template=model.encoder.chat_template,
-        scale=scale_of(model),
+        scale=scale_of(model.calibration),
         self_check=None if state.self_check is None else SelfCheckCard(**asdict(state.self_check)),
         limits=Limits(
             max_items_per_request=s.max_items_per_request,

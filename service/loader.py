@@ -180,6 +180,11 @@ def load_model(settings: Settings) -> LoadedModel:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
     calibration = calibration_of(model_dir)
+    if calibration is None and settings.normalize != "none":
+        raise LoadError(
+            f"normalize {settings.normalize!r}: {model_dir} has no calibration "
+            "(run `warm-merge calibrate` on the artifact)"
+        )
     cores = core_share(settings, plan.share_cores)
     threads = cores.counts if cores else (torch.get_num_threads(),)
     backend = make_backend(

@@ -19,6 +19,13 @@ from service.ranking import rank
 FINGERPRINT_HEADER = "x-warm-fingerprint"
 
 Side = Literal["left", "right"]
+Normalize = Literal["none", "zscore", "quantile"]
+NORMALIZE_HELP = (
+    "What `reward` carries: 'none' the raw logit; 'zscore' (raw - mean) / std and 'quantile' "
+    "the raw reward's quantile in [0, 1], both over the reference responses of the "
+    "artifact's calibration (warm-merge calibrate; refused for an uncalibrated model). "
+    "Default: the server's --normalize."
+)
 
 
 def sigmoid(x: float) -> float:
@@ -102,6 +109,7 @@ class ScoreRequest(_Strict):
     truncation_side: Side | None = Field(
         None, description="Which end of an over-long item to cut (default: the server's)."
     )
+    normalize: Normalize | None = Field(None, description=NORMALIZE_HELP)
 
 
 class Usage(BaseModel):
@@ -126,9 +134,15 @@ class ScoreResult(BaseModel):
     """The reward of one item; `index` is its position in the request."""
 
     index: int
-    reward: float = Field(description="The raw logit (no activation) of the reward head.")
+    reward: float = Field(
+        description="The reward head's raw logit (no activation), or its normalisation as the "
+        "response's `normalize` says."
+    )
+    raw_reward: float | None = Field(
+        None, description="The raw logit, where `reward` carries a normalisation."
+    )
     rewards: list[float] | None = Field(
-        None, description="Every output, for models with several (multi-head RMs)."
+        None, description="Every output (raw), for models with several (multi-head RMs)."
     )
     n_tokens: int
     truncated: bool
@@ -138,6 +152,7 @@ class ScoreResponse(BaseModel):
     """Response of POST /v1/score: results in request order."""
 
     model: str
+    normalize: Normalize = Field("none", description="What each result's `reward` carries.")
     results: list[ScoreResult]
     usage: Usage
 
@@ -400,8 +415,13 @@ class GetRewardRequest(BaseModel):
 class GetRewardResponse(BaseModel):
     """OpenRLHF's remote reward-model response."""
 
-    rewards: list[float]
-    scores: list[float]
+    rewards: list[float] = Field(
+        description="Raw rewards (normalised where the server's --normalize says so)."
+    )
+    scores: list[float] = Field(
+        description="Each reward's quantile in [0, 1] among the calibration's reference "
+        "responses when the artifact is calibrated (OpenRLHF filters on it), else the raw reward."
+    )
     extra_logs: dict[str, list[float]]
 
 

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from merger.formatting import DEFAULT_SEPARATOR
+from service.protocol import Normalize
 
 BackendName = Literal["transformers", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
     separator: str = Field(
         DEFAULT_SEPARATOR,
         description="Joins prompt and response when the tokenizer has no chat template.",
+    )
+    normalize: Normalize = Field(
+        "none",
+        description="What `reward` carries when a request does not say: 'none' (raw logits), "
+        "'zscore' or 'quantile' over the artifact's calibration (warm-merge calibrate; an "
+        "uncalibrated model is refused at load with anything but 'none'). Also applies to "
+        "/get_reward's `rewards`.",
     )
     self_check: Literal["off", "warn", "fail"] = Field(
         "fail",

@@ -65,3 +65,31 @@ def bert_rm(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) 
     return make_rm(
         tmp_path_factory.mktemp("bert_rm"), "bert", seed=12, tokenizer_dir=tiny_tokenizer_dir
     )
+
+
+@pytest.fixture(scope="session")
+def calibrated_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A WARM artifact of two tiny Llama-3 RMs (chat template, no pad token), calibrated by
+    `warm-merge calibrate` on 32 pairs with a golden set of 16 (items of up to 512 tokens)."""
+    from families import make_family_rm
+    from tiny_models import CORPUS
+
+    from merger.build import run_merge
+    from merger.calibration import calibrate_artifact
+    from merger.config import MergeSpec
+    from merger.plan import plan_merge
+    from merger.preferences import Preference, write_preferences
+
+    pairs = [
+        Preference(
+            prompt=f"Question {i}: what does it do?", chosen=CORPUS[i * 5], rejected=CORPUS[-i]
+        )
+        for i in range(1, 33)
+    ]
+    root = tmp_path_factory.mktemp("calibrated_llama")
+    members = [make_family_rm(root / f"m{i}", "llama3", seed=30 + i) for i in range(2)]
+    artifact = root / "warm"
+    run_merge(plan_merge(MergeSpec(inputs=tuple(members))), artifact)
+    data = write_preferences(pairs, root / "prefs.jsonl")
+    calibrate_artifact(artifact, data, pairs, golden=16, max_length=512)
+    return artifact

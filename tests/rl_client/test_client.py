@@ -248,3 +248,18 @@ def test_rerank_matches_the_service_and_beyond_one_request(url: str) -> None:
     assert [r.reward for r in large.results] == approx(rewards[:3])
     assert [r.rank for r in large.results] == [0, 1, 2]
     assert large.usage.items == 10
+
+
+def test_the_client_asks_for_a_normalisation(calibrated_llama: Path) -> None:
+    texts = [f"the cat sat on mat {i}" for i in range(3)]
+    settings = Settings.model_validate({"model": calibrated_llama, "max_length": 512})
+    with live_server(settings) as live, RewardClient(live.url) as client:
+        raw = client.score(texts)
+        z = client.score(texts, normalize="zscore")
+        card = client.models()
+    calibration = card.scale.calibration
+    assert calibration is not None
+    for r, n in zip(raw.results, z.results, strict=True):
+        assert r is not None and n is not None and r.raw_reward is None
+        assert n.raw_reward == pytest.approx(r.reward)
+        assert n.reward == pytest.approx((r.reward - calibration.mean) / calibration.std)

@@ -15,37 +15,20 @@ from typing import Any
 
 import pytest
 import torch
-from families import make_family_rm, tokenizer_of
+from families import tokenizer_of
 from live import live_server, wait_until
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import CORPUS
 
-from merger.build import run_merge
-from merger.calibration import calibrate_artifact
-from merger.config import MergeSpec
-from merger.plan import plan_merge
-from merger.preferences import Preference, write_preferences
 from service.self_check import SelfCheck, tolerance, verdict
 from service.settings import Settings
 
-PAIRS = [
-    Preference(prompt=f"Question {i}: what does it do?", chosen=CORPUS[i * 5], rejected=CORPUS[-i])
-    for i in range(1, 33)
-]
-GOLDEN = 16
+GOLDEN = 16  # the calibrated_llama fixture's
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A WARM artifact of two tiny Llama-3 RMs (chat template, no pad token), calibrated."""
-    root = tmp_path_factory.mktemp("self_check")
-    members = [make_family_rm(root / f"m{i}", "llama3", seed=30 + i) for i in range(2)]
-    artifact = root / "warm"
-    run_merge(plan_merge(MergeSpec(inputs=tuple(members))), artifact)
-    data = write_preferences(PAIRS, root / "prefs.jsonl")
-    calibrate_artifact(artifact, data, PAIRS, golden=GOLDEN, max_length=512)
-    return artifact
+def calibrated(calibrated_llama: Path) -> Path:
+    return calibrated_llama
 
 
 def settings(model: Path, **overrides: Any) -> Settings:
