@@ -282,7 +282,7 @@ def score_preferences(
 
 def calibrate_artifact(
     artifact: Path,
-    data: Path,
+    data: tuple[str, str],
     pairs: Sequence[Preference],
     *,
     golden: int = 64,
@@ -293,8 +293,9 @@ def calibrate_artifact(
     truncation_side: str = "left",
     batch_size: int = 16,
 ) -> Calibration:
-    """Verify `artifact`, calibrate it on `pairs` (read from `data`) and record the
-    calibration in it (`write_calibration`). Nothing is written if anything fails first."""
+    """Verify `artifact`, calibrate it on `pairs` (`data`: their name and
+    `preferences.pairs_sha256`) and record the calibration in it (`write_calibration`).
+    Nothing is written if anything fails first."""
     verify_artifact(artifact)
     rendering = Rendering(
         separator=separator, max_length=max_length, truncation_side=truncation_side
@@ -309,7 +310,7 @@ def calibrate_artifact(
         golden=golden,
         holdout=holdout,
         seed=seed,
-        data=(data.name, sha256_file(data)),
+        data=data,
         rendering=rendering,
     )
     write_calibration(artifact, calibration)

@@ -268,7 +268,7 @@ def calibrate(
     golden set, in warm_calibration.json (the manifest and fingerprint are updated)."""
     from merger.calibration import calibrate_artifact
     from merger.manifest import read_manifest
-    from merger.preferences import read_preferences
+    from merger.preferences import pairs_sha256, read_preferences
 
     if truncation_side not in {"left", "right"}:
         fail(f"--truncation-side {truncation_side!r}: left or right")
@@ -277,7 +277,7 @@ def calibrate(
         with err.status(f"scoring {len(pairs)} pairs"):
             calibration = calibrate_artifact(
                 artifact,
-                data,
+                (data.name, pairs_sha256(pairs)),
                 pairs,
                 golden=golden,
                 holdout=holdout,

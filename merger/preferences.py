@@ -7,6 +7,7 @@ A file holds one JSON object per line with `prompt`, `chosen` (the better respon
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,7 @@ class Preference(BaseModel):
 
 
 P = TypeVar("P", bound=Preference)
+FIELDS = tuple(Preference.model_fields)
 
 
 @overload
@@ -65,10 +67,21 @@ def read_preferences(path: Path | str, kind: type[Preference] = Preference) -> l
     return pairs
 
 
+def preferences_bytes(pairs: Iterable[Preference]) -> bytes:
+    """The JSONL of `pairs`, one JSON object per line, as `write_preferences` writes it."""
+    return b"".join((pair.model_dump_json() + "\n").encode() for pair in pairs)
+
+
+def pairs_sha256(pairs: Iterable[Preference]) -> str:
+    """SHA-256 of the pairs as JSONL of prompt, chosen and rejected (other keys and the file's
+    formatting left out): what names the data a model was calibrated on."""
+    bare = (Preference.model_validate(p.model_dump(include=set(FIELDS))) for p in pairs)
+    return hashlib.sha256(preferences_bytes(bare)).hexdigest()
+
+
 def write_preferences(pairs: Iterable[Preference], path: Path | str) -> Path:
     """One JSON object per pair, written atomically: the file appears whole or not at all."""
     path = Path(path)
     with atomic_file(path) as fh:
-        for pair in pairs:
-            fh.write((pair.model_dump_json() + "\n").encode())
+        fh.write(preferences_bytes(pairs))
     return path

@@ -78,7 +78,7 @@ def calibrated_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from merger.calibration import calibrate_artifact
     from merger.config import MergeSpec
     from merger.plan import plan_merge
-    from merger.preferences import Preference, write_preferences
+    from merger.preferences import Preference, pairs_sha256, write_preferences
 
     pairs = [
         Preference(
@@ -91,5 +91,5 @@ def calibrated_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     artifact = root / "warm"
     run_merge(plan_merge(MergeSpec(inputs=tuple(members))), artifact)
     data = write_preferences(pairs, root / "prefs.jsonl")
-    calibrate_artifact(artifact, data, pairs, golden=16, max_length=512)
+    calibrate_artifact(artifact, (data.name, pairs_sha256(pairs)), pairs, golden=16, max_length=512)
     return artifact

@@ -100,6 +100,11 @@ def finetune(
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 16,
     max_length: Annotated[int, typer.Option(min=2, help="Tokens per text.")] = 128,
     merge: Annotated[bool, typer.Option(help="Merge the kept members into <out>/warm.")] = True,
+    calibrate: Annotated[
+        bool,
+        typer.Option(help="Calibrate <out>/warm on the --val pairs (as warm-merge calibrate)."),
+    ] = False,
+    golden: Annotated[int, typer.Option(min=0, help="Golden responses when calibrating.")] = 64,
 ) -> None:
     """Fine-tune M diverse reward models from one init, rank them, merge the best (WARM)."""
     from merger.preferences import read_preferences
@@ -112,7 +117,7 @@ def finetune(
             learning_rates=_parse_floats("--lr", learning_rates),
             dropouts=_parse_floats("--dropout", dropouts), seed=seed,
             baklava_steps=baklava_steps, epochs=epochs, batch_size=batch_size,
-            max_length=max_length, merge=merge,
+            max_length=max_length, merge=merge, calibrate=calibrate, golden=golden,
         )  # fmt: skip
     except ValidationError as exc:
         spec_error(exc)
@@ -140,3 +145,5 @@ def finetune(
         out.print(
             f"WARM artifact of {len(report.kept)} members: {report.artifact}", highlight=False
         )
+    if report.temperature is not None:
+        out.print(f"calibrated: temperature {report.temperature:.4g} (warm_calibration.json)")

@@ -37,11 +37,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merger.build import run_merge
+from merger.calibration import calibrate_artifact
 from merger.config import MergeSpec
 from merger.diagnose import pairwise_accuracy
 from merger.formatting import DEFAULT_SEPARATOR, TokenLayout, render
 from merger.plan import plan_merge
-from merger.preferences import Preference
+from merger.preferences import Preference, pairs_sha256
 from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
@@ -90,9 +91,17 @@ class FinetuneSpec(BaseModel):
     max_length: int = Field(128, ge=2, description="Tokens per text (cut from the left).")
     separator: str = DEFAULT_SEPARATOR
     merge: bool = Field(True, description="Write the WARM artifact of the kept members.")
+    calibrate: bool = Field(
+        False,
+        description="Calibrate the WARM artifact on the validation pairs (warm-merge "
+        "calibrate: reward statistics, temperature, golden set).",
+    )
+    golden: int = Field(64, ge=0, description="Golden responses when calibrating.")
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneSpec:
+        if self.calibrate and not self.merge:
+            raise ValueError("calibrate needs merge: the calibration goes into the WARM artifact")
         if self.keep is not None and self.keep > self.members:
             raise ValueError(f"keep ({self.keep}) exceeds members ({self.members})")
         for lr in self.learning_rates:
@@ -135,6 +144,9 @@ class FinetuneReport(BaseModel):
     ranking: list[TrainedMember] = Field(description="Best held-out accuracy first.")
     kept: list[str]
     artifact: str | None
+    temperature: float | None = Field(
+        None, description="The calibrated artifact's Bradley-Terry temperature (calibrate)."
+    )
 
 
 def plan_members(spec: FinetuneSpec) -> list[MemberPlan]:
@@ -452,6 +464,21 @@ def finetune(
         artifact = spec.out / "warm"
         inputs = tuple(Path(r.path) for r in kept)
         run_merge(plan_merge(MergeSpec(inputs=inputs)), artifact, overwrite=True)
+    temperature = None
+    if artifact is not None and spec.calibrate:
+        calibration = calibrate_artifact(
+            artifact,
+            ("validation pairs", pairs_sha256(val)),
+            val,
+            golden=spec.golden,
+            max_length=spec.max_length,
+            separator=spec.separator,
+        )
+        temperature = calibration.temperature.value
+        log(
+            f"calibrated on {len(val)} validation pairs: temperature {temperature:.4g}, "
+            f"golden set of {len(calibration.golden)}"
+        )
     report = FinetuneReport(
         init=str(init),
         train_pairs=len(train),
@@ -459,6 +486,7 @@ def finetune(
         ranking=ranking,
         kept=[r.plan.name for r in kept],
         artifact=str(artifact) if artifact else None,
+        temperature=temperature,
     )
     with atomic_file(spec.out / REPORT_FILE) as fh:
         fh.write(report.model_dump_json(indent=2).encode())

@@ -205,3 +205,15 @@ def test_only_artifacts_are_calibrated(tmp_path: Path, tiny_tokenizer_dir: Path)
     code, output = run("calibrate", plain, "--data", data)
     assert code == 1 and "not a WARM artifact" in output
     assert not (plain / CALIBRATION_NAME).exists()
+
+
+def test_the_data_is_named_by_its_pairs_not_its_file() -> None:
+    from merger.preferences import pairs_sha256
+    from merger.recipe.prefdata import generate
+
+    generated = generate("val", 6, seed=1, noise=0.0, spurious_corr=0.5)  # labels as extras
+    bare = [Preference(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in generated]
+    assert pairs_sha256(generated) == pairs_sha256(bare)
+    swapped = [*bare[:-1], Preference(prompt=bare[-1].prompt, chosen=bare[-1].rejected,
+                                      rejected=bare[-1].chosen)]  # fmt: skip
+    assert pairs_sha256(swapped) != pairs_sha256(bare)

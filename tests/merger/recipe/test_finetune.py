@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from transformers import BertConfig
 from typer.testing import CliRunner
 
+from merger.calibration import CALIBRATION_NAME, read_calibration
 from merger.cli import app
 from merger.manifest import verify_artifact
-from merger.preferences import write_preferences
+from merger.preferences import pairs_sha256, read_preferences, write_preferences
 from merger.recipe.cli import MemberBars
 from merger.recipe.finetune import (
     MEMBER_FILE,
@@ -73,6 +74,7 @@ def test_rank_puts_the_best_first_and_keeps_member_order_on_ties() -> None:
         ({"dropouts": (1.0,)}, "dropout 1.0 is outside"),
         ({"members": 0}, "members"),
         ({"learning_rates": ()}, "learning_rates"),
+        ({"merge": False, "calibrate": True}, "calibrate needs merge"),
     ],
 )
 def test_bad_specs_are_refused(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
@@ -167,6 +169,16 @@ def test_command_line(tmp_path: Path, bert_rm: Path) -> None:
     assert bad.exit_code == 1 and "--lr: 'fast' is not a comma-separated list" in bad.output
     worse = CliRunner().invoke(app, [*args, "--keep", "5"])
     assert worse.exit_code == 1 and "keep (5) exceeds members (2)" in worse.output
+    # --calibrate: the artifact is calibrated on the validation pairs.
+    calibrated = CliRunner().invoke(app, [*args, "--calibrate", "--golden", "4"])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "calibrated: temperature" in calibrated.output
+    artifact = tmp_path / "o" / "warm"
+    calibration = read_calibration(artifact, verify_artifact(artifact).files[CALIBRATION_NAME])
+    assert calibration is not None and 0 < len(calibration.golden) <= 4
+    assert all(g.n_tokens < 64 for g in calibration.golden)  # none truncated
+    assert calibration.data.sha256 == pairs_sha256(read_preferences(val)) == pairs_sha256(VAL)
+    assert calibration.rendering.max_length == 64
 
 
 def test_member_bars_count_the_members_that_are_done() -> None:
