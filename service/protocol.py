@@ -362,6 +362,7 @@ class SelfCheckCard(BaseModel):
     max_deviation: float = Field(description="Largest |served - recorded| reward.")
     tolerance: float = Field(description="The largest allowed, by the trunk's dtype.")
     detail: str = Field(description="The worst item, or why nothing was checked.")
+    seconds: float = Field(description="How long scoring the golden set took.")
 
 
 class ModelCard(BaseModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -56,6 +56,7 @@ class SelfCheck:
     max_deviation: float = 0.0
     tolerance: float = 0.0
     detail: str = ""  # the worst item, or why nothing was checked
+    seconds: float = 0.0  # from the first submission to the last reward
 
 
 class SelfCheckFailed(Exception):
@@ -79,9 +80,10 @@ async def run_self_check(
         return SelfCheck("skipped", detail="no golden response fits within max_length")
     items = [Item(prompt=g.prompt, response=g.response) for g in golden]
     encoded = encoder.encode(items, calibration.rendering.truncation_side)
-    deadline = time.monotonic() + timeout_s
-    jobs = [scheduler.submit([e.ids], deadline) for e in encoded]
+    started = time.monotonic()
+    jobs = [scheduler.submit([e.ids], started + timeout_s) for e in encoded]
     outputs = await asyncio.gather(*(job.future for job in jobs))
+    seconds = time.monotonic() - started
     served = np.array([float(o[0][reward_index]) for o in outputs])
     recorded = np.array([g.reward for g in golden])
     deviation = np.abs(served - recorded)
@@ -99,13 +101,13 @@ async def run_self_check(
             f"({len(moved)} of {len(golden)} differ): not the tokenizer or chat template "
             "the artifact was calibrated with"
         )
-        return SelfCheck("failed", len(golden), float(deviation.max()), bound, detail)
+        return SelfCheck("failed", len(golden), float(deviation.max()), bound, detail, seconds)
     detail = (
         f"golden[{worst}] ({golden[worst].n_tokens} tokens): served {served[worst]:.6g}, "
         f"recorded {recorded[worst]:.6g}, |difference| {deviation[worst]:.3g}"
     )
     status: Status = "passed" if deviation[worst] <= bound else "failed"
-    return SelfCheck(status, len(golden), float(deviation[worst]), bound, detail)
+    return SelfCheck(status, len(golden), float(deviation[worst]), bound, detail, seconds)
 
 
 def verdict(result: SelfCheck, mode: Mode) -> SelfCheck:
@@ -113,8 +115,8 @@ def verdict(result: SelfCheck, mode: Mode) -> SelfCheck:
     the one line to log) and 'warned' in mode 'warn'."""
     if result.status == "passed":
         log.info(
-            "self-check passed: %d golden responses within %.3g (max |difference| %.3g)",
-            result.checked, result.tolerance, result.max_deviation,
+            "self-check passed: %d golden responses within %.3g (max |difference| %.3g) in %.2f s",
+            result.checked, result.tolerance, result.max_deviation, result.seconds,
         )  # fmt: skip
         return result
     if result.status != "failed":
@@ -125,8 +127,6 @@ def verdict(result: SelfCheck, mode: Mode) -> SelfCheck:
         f"{result.checked} golden responses"
     )
     if mode == "fail":
-        return SelfCheck("failed", result.checked, result.max_deviation, result.tolerance, line)
+        return replace(result, detail=line)
     log.warning("%s (serving anyway: --self-check warn)", line)
-    return SelfCheck(
-        "warned", result.checked, result.max_deviation, result.tolerance, result.detail
-    )
+    return replace(result, status="warned")

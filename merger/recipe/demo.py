@@ -6,12 +6,15 @@
    learns the content in a few minutes; `benchmarks/warm_repro` studies the cue.
 2. `warm-merge finetune`: 4 MiniLM reward models from one shared initialisation, each with
    its own learning rate, dropout, seed and data order (TRL's RewardTrainer), ranked on
-   held-out pairs and weight-averaged into one WARM artifact. Everything is cached in the
-   demo directory (`WARM_DEMO_DIR`, default ~/.cache/warm-rm/demo): a rerun trains nothing.
+   held-out pairs and weight-averaged into one WARM artifact, then calibrated on the held-out
+   pairs (reward statistics, a Bradley-Terry temperature, a golden set). Everything is cached
+   in the demo directory (`WARM_DEMO_DIR`, default ~/.cache/warm-rm/demo): a rerun trains
+   nothing.
 3. `warm-merge verify`, then WARM (one model) against the ensemble of its members and the
    best member, on held-out and on out-of-distribution pairs.
 4. `warm-serve` on loopback with no `--model`: the artifact is the service's embedded
-   default. `/v1/score` and `/v1/rerank` on readable examples; the better answer wins.
+   default; it checks its golden set before it reports ready. `/v1/score` and `/v1/rerank`
+   on readable examples; the better answer wins.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def train(root: Path) -> Any:
         dropouts=DROPOUTS,
         max_length=MAX_LENGTH,
         batch_size=BATCH_SIZE,
+        calibrate=True,
     )
     return finetune(spec, train_pairs, val_pairs, log=lambda m: console.print(f"  {m}"))
 
@@ -203,6 +207,15 @@ def serve_and_query(expected: list[float]) -> None:
     with serve(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         card = client.get("/v1/models").json()["data"][0]
         console.print(f"  {url}  model {card['id']}  fingerprint {card['fingerprint'][:16]}")
+        check, calibration = card["self_check"], card["scale"]["calibration"]
+        console.print(
+            f"  self-check {check['status']}: {check['checked']} golden responses, max "
+            f"|served - recorded| {check['max_deviation']:.1e} (tolerance {check['tolerance']:g})"
+        )
+        console.print(
+            f"  reward scale: raw logits; reference mean {calibration['mean']:+.3f}, std "
+            f"{calibration['std']:.3f}, Bradley-Terry temperature {calibration['temperature']:.3f}"
+        )
         pairs = _items()
         body = {"items": [{"prompt": p, "response": r} for p, r in pairs]}
         rewards = [r["reward"] for r in client.post("/v1/score", json=body).json()["results"]]

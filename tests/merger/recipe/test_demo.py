@@ -33,6 +33,8 @@ def test_demo_finetunes_merges_serves_and_ranks_then_reuses_its_cache(tmp_path: 
     gap = float(out.split("max |HTTP reward - transformers forward| = ")[1].split()[0])
     assert gap < 1e-5
     assert "model warm-demo" in out  # served with no --model: the embedded default
+    assert "self-check passed: " in out  # calibrated by finetune: a golden set
+    assert "Bradley-Terry temperature" in out
     assert "the better answer ranked first: 3/3" in out
     assert "server stopped" in out
     assert (tmp_path / "warm" / "warm_manifest.json").is_file()
