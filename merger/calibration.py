@@ -25,12 +25,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from merger.errors import MergeError
 from merger.formatting import DEFAULT_SEPARATOR
 from merger.hashing import sha256_file
-from merger.manifest import MANIFEST_NAME, build_manifest, manifest_bytes, verify_artifact
+from merger.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    manifest_bytes,
+    read_record,
+    verify_artifact,
+)
 from merger.preferences import Preference
 from merger.writer import atomic_file
 
@@ -139,11 +145,15 @@ def reward_stats(rewards: Sequence[float]) -> RewardStats:
 
 def pair_metrics(margins: Sequence[float], temperature: float) -> PairMetrics:
     """Accuracy and log-loss of pairs whose chosen-minus-rejected rewards are `margins`."""
+    import torch
+
+    from merger.diagnose import margin_accuracy
+
     m = np.asarray(margins, dtype=np.float64)
     if m.size == 0:
         raise ValueError("no pairs to measure")
-    accuracy = float(np.mean((m > 0) + 0.5 * (m == 0)))
     log_loss = float(np.mean(np.logaddexp(0.0, -m / temperature)))
+    accuracy = margin_accuracy(torch.from_numpy(m))
     return PairMetrics(pairs=int(m.size), accuracy=accuracy, log_loss=log_loss)
 
 
@@ -348,14 +358,4 @@ def read_calibration(artifact: Path, sha256: str | None = None) -> Calibration |
         return None
     if sha256 is not None and (actual := sha256_file(path)) != sha256:
         raise MergeError(f"{path}: SHA-256 {actual[:16]}... != manifest {sha256[:16]}...")
-    try:
-        calibration = Calibration.model_validate_json(path.read_bytes())
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise MergeError(
-            f"{path}: invalid calibration at {where or 'root'}: {first['msg']}"
-        ) from exc
-    if calibration.format != FORMAT:
-        raise MergeError(f"{path}: format {calibration.format!r}, this tool reads {FORMAT!r}")
-    return calibration
+    return read_record(path, Calibration, "calibration", FORMAT)

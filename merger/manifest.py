@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
@@ -97,15 +97,25 @@ def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise MergeError(f"{path}: missing (not a WARM artifact)")
+    return read_record(path, Manifest, "manifest", FORMAT)
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def read_record(path: Path, kind: type[R], what: str, expected: str) -> R:
+    """The JSON file `path` as a `kind` whose `format` field is `expected`; a MergeError names
+    the file and the first invalid field, or the format found."""
     try:
-        manifest = Manifest.model_validate_json(path.read_bytes())
+        record = kind.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise MergeError(f"{path}: invalid manifest at {where or 'root'}: {first['msg']}") from exc
-    if manifest.format != FORMAT:
-        raise MergeError(f"{path}: format {manifest.format!r}, this tool reads {FORMAT!r}")
-    return manifest
+        raise MergeError(f"{path}: invalid {what} at {where or 'root'}: {first['msg']}") from exc
+    found = getattr(record, "format", None)
+    if found != expected:
+        raise MergeError(f"{path}: format {found!r}, this tool reads {expected!r}")
+    return record
 
 
 def verify_artifact(directory: Path) -> Manifest:

@@ -217,3 +217,10 @@ def test_the_data_is_named_by_its_pairs_not_its_file() -> None:
     swapped = [*bare[:-1], Preference(prompt=bare[-1].prompt, chosen=bare[-1].rejected,
                                       rejected=bare[-1].chosen)]  # fmt: skip
     assert pairs_sha256(swapped) != pairs_sha256(bare)
+
+
+def test_an_unreadable_calibration_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / CALIBRATION_NAME).write_text('{"format": "warm-rm.calibration/1"}')
+    with pytest.raises(MergeError, match="invalid calibration at data: Field required"):
+        read_calibration(tmp_path)
+    assert read_calibration(tmp_path / "elsewhere") is None
