@@ -22,8 +22,9 @@ Phases, each with a time budget, skipped (and recorded so) when the time left is
                in bf16, in reward units and relative to the rewards' spread
   overhead     the backend's forward (padding, transfer, fp32 head, readback) against the
                model's own forward on the same batch
-  memory       in a fresh process: peak host memory while loading (weights go straight to
-               the device, never whole through the host) and peak device memory of a forward
+  memory       in a fresh process: peak anonymous host memory while loading (weights go
+               straight to the device, never whole through the host; the mmapped checkpoint's
+               page cache is not counted) and peak device memory of a forward
   oom          a batcher fed far more than fits: each batch out of memory is split and
                retried, nothing lost, the budget lowered (on a GPU capped by
                `set_per_process_memory_fraction`; --dry-run: a backend that refuses batches
@@ -311,27 +312,46 @@ def overhead(check: Check) -> str:
     )
 
 
+def anonymous_rss() -> int:
+    """Bytes of this process's anonymous resident memory (Linux): what a copy of the weights
+    in host memory takes, unlike the page cache of the mmapped checkpoint."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def peak_memory(model: str, device: str) -> None:
     """(Child process of `memory`.) Load the model on `device` in bf16, run one forward of
-    16 items of 512 tokens; print peak host RSS before and after loading, and device memory."""
-    import resource
+    16 items of 512 tokens; print the peak anonymous host memory before and while loading
+    (sampled every 5 ms; CUDA initialised first), and device memory."""
+    import threading
 
     import torch
 
-    def rss() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
     from service.backends.transformers import TransformersBackend
 
-    imported = rss()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.zeros(1, device=device)  # the context and libraries, before the baseline
+    imported = anonymous_rss()
+    peak, done = [imported], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], anonymous_rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     b = TransformersBackend(
         Path(model), device=device, dtype="bfloat16", max_length=2048, pad_token_id=3,
         trust_remote_code=False,
     )  # fmt: skip
     load_s = time.perf_counter() - start
-    loaded = rss()
-    cuda = device.startswith("cuda")
+    done.set()
+    sampler.join()
+    loaded = max(peak[0], anonymous_rss())
     weights = torch.cuda.memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -353,10 +373,10 @@ def memory(check: Check) -> str:
     size = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
     gib = 2**30
     text = (
-        f"checkpoint {size / gib:.2f} GiB; host peak RSS {got['imported'] / gib:.2f} GiB after "
-        f"imports, {got['loaded'] / gib:.2f} GiB after loading "
-        f"(+{(got['loaded'] - got['imported']) / size:.0%} of the checkpoint), "
-        f"load {got['load_s']:.1f} s"
+        f"checkpoint {size / gib:.2f} GiB; anonymous host memory {got['imported'] / gib:.2f} "
+        f"GiB before loading, peak {got['loaded'] / gib:.2f} GiB while loading "
+        f"(+{(got['loaded'] - got['imported']) / size:.0%} of the checkpoint; a host copy of "
+        f"the weights: +100%), load {got['load_s']:.1f} s"
     )
     if got["weights"]:
         text += (

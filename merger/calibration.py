@@ -32,6 +32,7 @@ from merger.formatting import DEFAULT_SEPARATOR
 from merger.hashing import sha256_file
 from merger.manifest import (
     MANIFEST_NAME,
+    Manifest,
     build_manifest,
     manifest_bytes,
     read_record,
@@ -122,6 +123,7 @@ class Calibration(Frozen):
     """The content of warm_calibration.json."""
 
     format: str = FORMAT
+    output: int = Field(0, description="The model output the rewards are (a multi-head RM's).")
     data: DataRecord
     rendering: Rendering
     rewards: RewardStats
@@ -235,14 +237,19 @@ def calibrate(
         raise ValueError("one reward per response and one length per response")
     margins = np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64)
     fit, held = split_pairs(n, holdout, seed)
-    t = fit_temperature(margins[fit])
     rewards = [*chosen, *rejected]
+    stats = reward_stats(rewards)
+    if not stats.std > 0:
+        raise ValueError(
+            f"the {len(rewards)} responses all score {stats.mean:.6g}: no scale to calibrate"
+        )
+    t = fit_temperature(margins[fit])
     items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     picked = choose_golden(rewards, lengths, [not t_ for t_ in truncated], golden)
     return Calibration(
         data=DataRecord(name=data[0], sha256=data[1], pairs=n, holdout=holdout, seed=seed),
         rendering=rendering,
-        rewards=reward_stats(rewards),
+        rewards=stats,
         temperature=Temperature(
             value=t,
             fit_pairs=len(fit),
@@ -306,7 +313,7 @@ def calibrate_artifact(
     """Verify `artifact`, calibrate it on `pairs` (`data`: their name and
     `preferences.pairs_sha256`) and record the calibration in it (`write_calibration`).
     Nothing is written if anything fails first."""
-    verify_artifact(artifact)
+    verified_without_calibration(artifact)
     rendering = Rendering(
         separator=separator, max_length=max_length, truncation_side=truncation_side
     )
@@ -328,10 +335,16 @@ def calibrate_artifact(
 
 
 def write_calibration(artifact: Path, calibration: Calibration) -> str:
-    """Write warm_calibration.json into the artifact and list it in the manifest, each file
-    replaced atomically (the calibration first: a manifest never lists a missing file);
-    the new fingerprint."""
-    manifest = verify_artifact(artifact)
+    """Write warm_calibration.json into the artifact and list it in the manifest; the new
+    fingerprint.
+
+    Each file is replaced atomically, the calibration first, so an interruption between the
+    two leaves the rest of the artifact verified and the calibration unlisted (the service
+    then serves it uncalibrated, with a warning) or listed with its old digest (refused at
+    load); either way, running the calibration again repairs it: the artifact is verified
+    without its calibration, which is then replaced, and temporaries left are removed.
+    """
+    manifest = verified_without_calibration(artifact)
     path = artifact / CALIBRATION_NAME
     with atomic_file(path) as fh:
         fh.write(calibration_bytes(calibration))
@@ -340,6 +353,15 @@ def write_calibration(artifact: Path, calibration: Calibration) -> str:
     with atomic_file(artifact / MANIFEST_NAME) as fh:
         fh.write(manifest_bytes(updated))
     return updated.fingerprint
+
+
+def verified_without_calibration(artifact: Path) -> Manifest:
+    """The artifact verified but for its calibration (listed or not), once the temporaries an
+    interrupted calibration may have left are removed."""
+    for name in (CALIBRATION_NAME, MANIFEST_NAME):
+        for left in artifact.glob(f".{name}.*.tmp"):
+            left.unlink()
+    return verify_artifact(artifact, ignoring=frozenset({CALIBRATION_NAME}))
 
 
 def calibration_bytes(calibration: Calibration) -> bytes:

@@ -478,10 +478,12 @@ class ArtifactWriter:
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """A temporary sibling of `path`, fsynced and renamed over it only on success."""
+    """A temporary sibling of `path`, fsynced and renamed over it only on success; it keeps
+    the mode of the file it replaces (a new file: 0644, not mkstemp's 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o644)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -172,7 +172,7 @@ async def models(request: Request) -> ModelList:
         compiled=info.compiled,
         max_length=info.max_length,
         chat_template=model.encoder.chat_template,
-        scale=scale_of(model.calibration),
+        scale=scale_of(model.calibration, s.normalize),
         self_check=None if state.self_check is None else SelfCheckCard(**asdict(state.self_check)),
         limits=Limits(
             max_items_per_request=s.max_items_per_request,

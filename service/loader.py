@@ -60,6 +60,7 @@ class LoadedModel:
     labels: tuple[str, ...] = ("LABEL_0",)  # the config's id2label, one name per output
     problem_type: str | None = None  # the config's: decides the activation APIs apply
     calibration: Calibration | None = None  # the artifact's (warm-merge calibrate)
+    tf32: bool = False  # fp32 matrix products run in TF32 (device.DevicePlan.tf32)
 
     def names(self, served: list[str], model_arg: Path | None) -> tuple[str, ...]:
         """The names a request's `model` field may carry: --served-model-name, else the model
@@ -109,7 +110,7 @@ def identity(model_dir: Path) -> tuple[str, dict[str, Any] | None]:
 
 def calibration_of(model_dir: Path) -> Calibration | None:
     """The artifact's calibration, checked against the SHA-256 its manifest lists (None: no
-    manifest, or no calibration); a LoadError if it is changed, invalid or not listed."""
+    manifest, or no calibration listed); a LoadError if it is changed or invalid."""
     path = model_dir / CALIBRATION_NAME
     if not (model_dir / MANIFEST_NAME).is_file():
         return None
@@ -118,13 +119,13 @@ def calibration_of(model_dir: Path) -> Calibration | None:
     except MergeError as error:
         raise LoadError(str(error)) from error
     if listed is None:
-        if path.is_file():
-            raise LoadError(f"{path}: not listed in the manifest (run warm-merge verify)")
+        if path.is_file():  # a calibration interrupted before the manifest listed it
+            log.warning("%s: not listed in the manifest, ignored (calibrate again)", path)
         return None
     try:
         return read_calibration(model_dir, listed)
     except MergeError as error:
-        raise LoadError(str(error)) from error
+        raise LoadError(f"{error} (calibrate again, or see warm-merge verify)") from error
 
 
 def model_limit(tokenizer: Any, config: Any) -> int | None:
@@ -180,6 +181,11 @@ def load_model(settings: Settings) -> LoadedModel:
         torch.set_num_threads(settings.torch_threads)  # process-wide; only this thread runs torch
     fingerprint, manifest = identity(model_dir)
     calibration = calibration_of(model_dir)
+    if calibration is not None and calibration.output != settings.reward_index:
+        raise LoadError(
+            f"reward_index {settings.reward_index}: {model_dir}'s calibration describes output "
+            f"{calibration.output} (serve that output, or leave the calibration out)"
+        )
     if calibration is None and settings.normalize != "none":
         raise LoadError(
             f"normalize {settings.normalize!r}: {model_dir} has no calibration "
@@ -226,6 +232,7 @@ def load_model(settings: Settings) -> LoadedModel:
         batch_tokens=budget,
         cores=cores,
         calibration=calibration,
+        tf32=plan.tf32,
     )
 
 

@@ -347,7 +347,12 @@ class Scale(BaseModel):
     """What `reward` means on this server."""
 
     reward: Literal["raw"] = Field(
-        "raw", description="`reward` is the reward head's raw output (a logit), unnormalised."
+        "raw", description="The reward head's output is a raw logit, unnormalised."
+    )
+    default_normalize: Normalize = Field(
+        "none",
+        description="What a response's `reward` carries when the request does not say "
+        "(the server's --normalize).",
     )
     calibration: CalibrationCard | None = Field(
         None, description="Present when the artifact is calibrated."
@@ -359,7 +364,9 @@ class SelfCheckCard(BaseModel):
 
     status: Literal["passed", "warned", "skipped", "off"]
     checked: int = Field(description="Golden responses scored.")
-    max_deviation: float = Field(description="Largest |served - recorded| reward.")
+    max_deviation: float | None = Field(
+        description="Largest |served - recorded| reward (null: a served reward was not finite)."
+    )
     tolerance: float = Field(description="The largest allowed, by the trunk's dtype.")
     detail: str = Field(description="The worst item, or why nothing was checked.")
     seconds: float = Field(description="How long scoring the golden set took.")

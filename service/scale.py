@@ -37,11 +37,13 @@ def normalize(
     return [float(x) for x in mapped]
 
 
-def scale_of(calibration: Calibration | None) -> Scale:
-    """The scale card: raw, with the calibration's statistics and temperature if any."""
+def scale_of(calibration: Calibration | None, default: Normalize = "none") -> Scale:
+    """The scale card: raw logits, what responses carry by `default`, and the calibration's
+    statistics and temperature if any."""
     if calibration is None:
-        return Scale()
+        return Scale(default_normalize=default)
     return Scale(
+        default_normalize=default,
         calibration=CalibrationCard(
             mean=calibration.rewards.mean,
             std=calibration.rewards.std,
@@ -49,5 +51,5 @@ def scale_of(calibration: Calibration | None) -> Scale:
             temperature=calibration.temperature.value,
             responses=calibration.rewards.count,
             data_sha256=calibration.data.sha256,
-        )
+        ),
     )

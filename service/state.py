@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -144,9 +145,13 @@ class ServiceState:
         --self-check fail when it fails (the load fails: never ready, the server exits)."""
         assert self.scheduler is not None
         s = self.settings
-        if model.calibration is None or not model.calibration.golden:
+        if model.calibration is None:
             log.info("no golden set in the model (warm-merge calibrate makes one): no self-check")
             result = SelfCheck("skipped", detail="no golden set")
+        elif not model.calibration.golden:
+            detail = "the calibration's golden set is empty (every response was truncated)"
+            log.warning("no self-check: %s", detail)
+            result = SelfCheck("skipped", detail=detail)
         elif s.self_check == "off":
             result = SelfCheck("off")
         else:
@@ -157,12 +162,14 @@ class ServiceState:
                     model.calibration,
                     model.backend.info.dtype,
                     reward_index=s.reward_index,
+                    tf32=model.tf32,
                     override=s.self_check_tolerance,
                 ),
                 s.self_check,
             )
         self.metrics.self_check.labels(result.status).set(1)
-        self.metrics.self_check_deviation.set(result.max_deviation)
+        deviation = result.max_deviation
+        self.metrics.self_check_deviation.set(math.inf if deviation is None else deviation)
         if result.status == "failed":
             raise SelfCheckFailed(result.detail)
         return result

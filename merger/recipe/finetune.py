@@ -426,6 +426,8 @@ def finetune(
 
     if not train or not val:
         raise ValueError(f"need training and validation pairs (got {len(train)} and {len(val)})")
+    if spec.calibrate and len(val) < 2:
+        raise ValueError(f"calibrate: {len(val)} validation pair(s), at least 2 needed")
     _quiet_transformers()
     init = make_init(spec)
     tokenizer = AutoTokenizer.from_pretrained(init)

@@ -213,12 +213,14 @@ class VLLMBackend:
             raise
         cache = self.engine.vllm_config.cache_config
         self.prefix_caching = bool(cache.enable_prefix_caching)
-        head_dtype = self.engine.vllm_config.model_config.head_dtype
-        if head_dtype != HEAD_DTYPE:  # vLLM falls back to the trunk's on some platforms
+        # vLLM falls back to the trunk's dtype on some platforms; older vLLMs do not say.
+        head_dtype = getattr(self.engine.vllm_config.model_config, "head_dtype", None)
+        if head_dtype != HEAD_DTYPE:
             self.close()
+            runs = head_dtype or "an unknown dtype"
             raise ValueError(
-                f"vLLM runs the reward head in {head_dtype} on {platform}, not {HEAD_DTYPE}: "
-                "its rewards would differ from the transformers backend's"
+                f"vLLM {vllm.__version__} runs the reward head in {runs} on {platform}, not "
+                f"{HEAD_DTYPE}: its rewards would differ from the transformers backend's"
             )
         architectures = getattr(config, "architectures", None) or ["unknown"]
         self.info = ModelInfo(

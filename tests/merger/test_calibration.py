@@ -17,11 +17,14 @@ from typer.testing import CliRunner
 from merger.build import run_merge
 from merger.calibration import (
     CALIBRATION_NAME,
+    Rendering,
+    calibrate,
     choose_golden,
     fit_temperature,
     pair_metrics,
     read_calibration,
     reward_stats,
+    score_preferences,
     split_pairs,
 )
 from merger.cli import app
@@ -76,6 +79,23 @@ def test_the_fitted_temperature_is_the_maximum_likelihood_one() -> None:
     assert fit_temperature([1.0, 1.0, 1.0, -1.0]) == pytest.approx(1 / math.log(3), rel=1e-4)
     # Margins ten times larger: a temperature ten times larger.
     assert fit_temperature([10.0, 10.0, 10.0, -10.0]) == pytest.approx(10 / math.log(3), rel=1e-4)
+
+
+def test_on_the_pairs_it_is_fitted_on_the_temperature_never_loses() -> None:
+    margins = np.random.default_rng(0).normal(0.5, 2.0, size=200)
+    t = fit_temperature(margins)
+    assert pair_metrics(margins, t).log_loss <= pair_metrics(margins, 1.0).log_loss
+    for other in (t * 0.9, t * 1.1):
+        assert pair_metrics(margins, t).log_loss <= pair_metrics(margins, other).log_loss
+
+
+def test_rewards_that_do_not_vary_are_refused() -> None:
+    rendering = Rendering(separator="\n\n", max_length=64, truncation_side="left")
+    with pytest.raises(ValueError, match=r"all score 0\.5: no scale"):
+        calibrate(
+            PAIRS[:4], [0.5] * 4, [0.5] * 4, [5] * 8, [False] * 8,
+            golden=2, holdout=0.5, seed=0, data=("d", "0" * 64), rendering=rendering,
+        )  # fmt: skip
 
 
 def test_perfectly_ordered_pairs_get_the_smallest_temperature_searched() -> None:
@@ -156,18 +176,46 @@ def test_calibrate_records_a_verified_new_version_of_the_artifact(
     assert calibration.rewards.count == 2 * len(PAIRS)
     t = calibration.temperature
     assert t.fit_pairs + t.after.pairs == len(PAIRS) and t.value > 0
-    assert t.before.accuracy == t.after.accuracy  # a temperature never reorders pairs
     # The golden rewards are the artifact's own fp32 rewards of the rendered responses.
     assert len(calibration.golden) == 8
     for item in calibration.golden[:3]:
         want = direct_reward(artifact, item.prompt, item.response)
         assert item.reward == pytest.approx(want, abs=1e-5)
-    # z-scores of the reference rewards: mean 0, std 1; quantiles in [0, 1].
-    z = calibration.rewards.zscore(np.array([g.reward for g in calibration.golden]))
-    assert np.all(np.isfinite(z))
+    # Every reference response, scored again: z-scores of mean 0 and std 1, quantiles in
+    # [0, 1] and non-decreasing in the reward.
+    chosen, rejected, _, _ = score_preferences(artifact, PAIRS, calibration.rendering, 16)
+    rewards = np.array([*chosen, *rejected])
+    z = calibration.rewards.zscore(rewards)
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1.0) < 1e-9
+    q = calibration.rewards.quantile(rewards)
+    assert q.min() == 0.0 and q.max() == 1.0
+    assert np.all(np.diff(q[np.argsort(rewards)]) >= 0)
     # Calibrating again replaces the calibration (same data: the same fingerprint).
     code, output = run("calibrate", artifact, "--data", data, "--golden", "8", "--max-length", "64")
     assert code == 0 and read_manifest(artifact).fingerprint == manifest.fingerprint
+
+
+def test_an_interrupted_calibration_is_repaired_by_calibrating_again(
+    artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_preferences(PAIRS, tmp_path / "prefs.jsonl")
+    with monkeypatch.context() as patch:  # the process dies between the two writes
+        patch.setattr("merger.calibration.build_manifest", lambda *_: 1 / 0)
+        assert run("calibrate", artifact, "--data", data, "--golden", "4")[0] != 0
+    assert (artifact / CALIBRATION_NAME).is_file()  # written, not listed
+    assert CALIBRATION_NAME not in read_manifest(artifact).files
+    (artifact / f".{MANIFEST_NAME}.x.tmp").write_text("left by a kill")
+    code, output = run("calibrate", artifact, "--data", data, "--golden", "4")
+    assert code == 0, output
+    assert CALIBRATION_NAME in verify_artifact(artifact).files  # whole again, nothing left
+
+
+def test_calibrating_keeps_the_files_readable_for_others(artifact: Path, tmp_path: Path) -> None:
+    data = write_preferences(PAIRS, tmp_path / "prefs.jsonl")
+    (artifact / MANIFEST_NAME).chmod(0o644)
+    assert run("calibrate", artifact, "--data", data, "--golden", "4")[0] == 0
+    assert (artifact / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644
+    assert (artifact / CALIBRATION_NAME).stat().st_mode & 0o777 == 0o644
 
 
 def test_a_changed_calibration_fails_verify(artifact: Path, tmp_path: Path) -> None:

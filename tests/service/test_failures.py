@@ -19,7 +19,7 @@ from service.admission import QueueLimits
 from service.backends.base import ModelInfo, OutOfMemory
 from service.batcher import Batcher
 from service.batching import BatchLimits
-from service.budget import calibrate
+from service.budget import Calibration, calibrate
 from service.encoding import Encoder
 from service.errors import ErrorType, ServiceError
 from service.loader import LoadError, load_model
@@ -184,13 +184,15 @@ def test_warm_up_stops_doubling_at_the_first_batch_out_of_memory(long_encoder: E
 
 
 def test_warm_up_halves_a_budget_that_the_longest_items_do_not_fit(
-    long_encoder: Encoder,
+    long_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Memory grows with the square of the length: 4 items of 128 tokens fit, and so does
-    # one item of 256, but not 2 (the 512-token budget measured on short items).
+    # one item of 256, but not 2: the 512-token budget the short items' timings chose.
+    monkeypatch.setattr("service.budget.choose_budget", lambda *_, **__: Calibration(0.0, 512))
     backend = OutOfMemoryAbove(capacity=4 * 128**2, power=2)
     got = calibrate(backend, long_encoder, 64, 16384)  # type: ignore[arg-type]
     assert got.batch_tokens == 256
+    assert backend.freed == 2  # the doubling's failure, then the confirmation's
     assert backend.batches[-1] == 1
 
 

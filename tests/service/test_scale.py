@@ -69,6 +69,9 @@ def test_raw_by_default_and_normalised_on_request(served: Any, calibrated_llama:
     assert calibration is not None
     raw = score(served)
     assert raw["normalize"] == "none" and all(r["raw_reward"] is None for r in raw["results"])
+    with served.client() as client:
+        scale = client.get("/v1/models").json()["data"][0]["scale"]
+    assert scale["reward"] == "raw" and scale["default_normalize"] == "none"
     rewards = np.array([r["reward"] for r in raw["results"]])
     z = score(served, normalize="zscore")
     assert z["normalize"] == "zscore"

@@ -5,22 +5,42 @@ weight, a wrong head)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from families import tokenizer_of
 from live import live_server, wait_until
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
-from service.self_check import SelfCheck, tolerance, verdict
+from merger.calibration import (
+    CALIBRATION_NAME,
+    Calibration,
+    DataRecord,
+    GoldenItem,
+    PairMetrics,
+    Rendering,
+    Temperature,
+    reward_stats,
+)
+from merger.manifest import MANIFEST_NAME, compute_fingerprint
+from service.encoding import Encoder
+from service.errors import ErrorType, ServiceError
+from service.loader import load_model
+from service.protocol import Item
+from service.self_check import SelfCheck, run_self_check, tolerance, verdict
 from service.settings import Settings
 
 GOLDEN = 16  # the calibrated_llama fixture's
@@ -39,6 +59,65 @@ def test_tolerances_follow_the_dtype() -> None:
     assert tolerance("float32", 5.0) == 1e-4  # absolute, whatever the spread
     assert tolerance("bfloat16", 2.0) == pytest.approx(0.2)
     assert tolerance("float16", 2.0) == pytest.approx(0.04)
+    assert tolerance("float32", 2.0, tf32=True) == pytest.approx(0.04)  # fp16's mantissa
+
+
+class Stuck:
+    """A scheduler that admits `room` requests at a time and answers `answered` of them."""
+
+    def __init__(self, room: int, answered: int) -> None:
+        self.room, self.answered = room, answered
+        self.jobs: list[Any] = []
+        self.cancelled: list[Any] = []
+
+    def submit(self, sequences: Any, deadline: float) -> Any:
+        waiting = [j for j in self.jobs if not j.future.done()]
+        if len(waiting) >= self.room:
+            raise ServiceError(ErrorType.OVERLOADED, "queue full")
+        job = SimpleNamespace(future=asyncio.get_running_loop().create_future())
+        if len(self.jobs) < self.answered:
+            job.future.set_result(np.array([[0.25]]))
+        self.jobs.append(job)
+        return job
+
+    def cancel(self, job: Any, reason: str) -> None:
+        self.cancelled.append(job)
+
+
+def test_a_golden_set_that_cannot_be_scored_fails_the_check(tiny_tokenizer_dir: Path) -> None:
+    encoder = Encoder(
+        AutoTokenizer.from_pretrained(tiny_tokenizer_dir), max_length=64, separator="\n\n"
+    )
+    golden = [
+        GoldenItem(prompt="a cat", response=f"sat on mat {i}", n_tokens=len(ids), reward=0.25)
+        for i, ids in enumerate(
+            e.ids
+            for e in encoder.encode(
+                [Item(prompt="a cat", response=f"sat on mat {i}") for i in range(4)], "left"
+            )
+        )
+    ]
+    metrics = PairMetrics(pairs=1, accuracy=1.0, log_loss=0.1)
+    calibration = Calibration(
+        data=DataRecord(name="d", sha256="0" * 64, pairs=2, holdout=0.5, seed=0),
+        rendering=Rendering(separator="\n\n", max_length=64, truncation_side="left"),
+        rewards=reward_stats([0.0, 1.0]),
+        temperature=Temperature(value=1.0, fit_pairs=1, before=metrics, after=metrics),
+        golden=golden,
+    )
+
+    def check(scheduler: Stuck, timeout_s: float) -> SelfCheck:
+        return asyncio.run(
+            run_self_check(scheduler, encoder, calibration, "float32", timeout_s=timeout_s)  # type: ignore[arg-type]
+        )
+
+    # Room for one request at a time: each waits for the one before; all answered, passed.
+    assert check(Stuck(room=1, answered=4), 5).status == "passed"
+    # Never answered: the check fails at its deadline and withdraws what it submitted.
+    stuck = Stuck(room=10, answered=2)
+    result = check(stuck, 0.2)
+    assert result.status == "failed" and "timed out after 0.2 s" in result.detail
+    assert result.max_deviation is None and len(stuck.cancelled) == 2
 
 
 def test_a_failure_warns_or_stops_by_mode() -> None:
@@ -185,16 +264,30 @@ def test_warn_serves_a_broken_model_and_says_so(calibrated: Path, tmp_path: Path
     assert check["status"] == "off" and check["checked"] == 0
 
 
-def test_a_plain_model_starts_without_a_self_check(
-    gpt2_rm: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_plain_model_starts_without_a_self_check(gpt2_rm: Path) -> None:
     with live_server(Settings.model_validate({"model": gpt2_rm})) as live, live.client() as client:
         card = client.get("/v1/models").json()["data"][0]
     assert (
         card["self_check"]["status"] == "skipped"
         and card["self_check"]["detail"] == "no golden set"
     )
-    assert card["scale"] == {"reward": "raw", "calibration": None}
+    assert card["scale"] == {"reward": "raw", "default_normalize": "none", "calibration": None}
+
+
+def test_an_unlisted_calibration_is_served_as_none(
+    calibrated: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A calibration interrupted between its two writes: the file is there, the manifest
+    # does not list it.
+    broken = copy_of(calibrated, tmp_path)
+    manifest = json.loads((broken / MANIFEST_NAME).read_text())
+    del manifest["files"][CALIBRATION_NAME]
+    manifest["fingerprint"] = compute_fingerprint(manifest["files"])
+    (broken / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="service.loader"):
+        loaded = load_model(settings(broken, warmup=False))
+    assert loaded.calibration is None
+    assert "not listed in the manifest, ignored (calibrate again)" in caplog.text
 
 
 def test_warm_serve_exits_non_zero_with_one_line(calibrated: Path, tmp_path: Path) -> None:

@@ -82,6 +82,15 @@ def test_bad_specs_are_refused(tmp_path: Path, kwargs: dict[str, object], messag
         FinetuneSpec(base=tmp_path, out=tmp_path, **kwargs)  # type: ignore[arg-type]
 
 
+def test_calibrating_on_too_few_pairs_is_refused_before_training(
+    tmp_path: Path, bert_rm: Path
+) -> None:
+    spec = spec_for(bert_rm, tmp_path / "out", calibrate=True)
+    with pytest.raises(ValueError, match="calibrate: 1 validation pair"):
+        finetune(spec, TRAIN, VAL[:1])
+    assert not (tmp_path / "out").exists()  # nothing trained
+
+
 def test_set_dropout_sets_every_dropout_field_and_returns_the_old_values() -> None:
     config = BertConfig(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)
     old = _set_dropout(config, 0.3)
