@@ -145,7 +145,7 @@ def reward_stats(rewards: Sequence[float]) -> RewardStats:
     )
 
 
-def pair_metrics(margins: Sequence[float], temperature: float) -> PairMetrics:
+def pair_metrics(margins: Sequence[float] | np.ndarray, temperature: float) -> PairMetrics:
     """Accuracy and log-loss of pairs whose chosen-minus-rejected rewards are `margins`."""
     import torch
 
@@ -159,7 +159,7 @@ def pair_metrics(margins: Sequence[float], temperature: float) -> PairMetrics:
     return PairMetrics(pairs=int(m.size), accuracy=accuracy, log_loss=log_loss)
 
 
-def fit_temperature(margins: Sequence[float]) -> float:
+def fit_temperature(margins: Sequence[float] | np.ndarray) -> float:
     """The T minimising the mean of -log sigmoid(margin / T) (convex in 1/T), searched within
     TEMPERATURE_RANGE either side of the margins' root mean square."""
     from scipy.optimize import minimize_scalar

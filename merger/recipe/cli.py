@@ -90,6 +90,16 @@ def finetune(
     keep: Annotated[
         int | None, typer.Option(min=1, help="Merge the best N (default: all).")
     ] = None,
+    select: Annotated[
+        str,
+        typer.Option(
+            help="Members to merge: all, top-k (the best --keep; implied by --keep) or greedy "
+            "(a greedy soup: each member added only if the average gets better on --val)."
+        ),
+    ] = "all",
+    select_metric: Annotated[
+        str, typer.Option(help="What the greedy soup improves: accuracy or log-loss.")
+    ] = "accuracy",
     learning_rates: Annotated[str, typer.Option("--lr", help="Learning-rate grid.")] = "1e-4,5e-5",
     dropouts: Annotated[str, typer.Option("--dropout", help="Dropout grid.")] = "0.1,0",
     seed: Annotated[int, typer.Option(help="Seeds the shared head; member i: seed + 1 + i.")] = 0,
@@ -114,6 +124,7 @@ def finetune(
     try:
         spec = FinetuneSpec(
             base=base or _default_base(), out=out_dir, members=members, keep=keep,
+            select=select, select_metric=select_metric,
             learning_rates=_parse_floats("--lr", learning_rates),
             dropouts=_parse_floats("--dropout", dropouts), seed=seed,
             baklava_steps=baklava_steps, epochs=epochs, batch_size=batch_size,

@@ -39,10 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from merger.build import run_merge
 from merger.calibration import calibrate_artifact
 from merger.config import MergeSpec
-from merger.diagnose import pairwise_accuracy
+from merger.diagnose import average_states, pairwise_accuracy
 from merger.formatting import DEFAULT_SEPARATOR, TokenLayout, render
 from merger.plan import plan_merge
 from merger.preferences import Preference, pairs_sha256
+from merger.recipe.selection import Select, SelectMetric, Tried, greedy_soup
 from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
@@ -80,6 +81,14 @@ class FinetuneSpec(BaseModel):
     out: Path = Field(description="Output directory: init/, member-*/, warm/, finetune.json.")
     members: int = Field(4, ge=1, description="How many reward models to fine-tune.")
     keep: int | None = Field(None, ge=1, description="Merge the best `keep` (default: all).")
+    select: Select = Field(
+        "all",
+        description="Which members to merge: 'all', 'top-k' (the best `keep`; implied by "
+        "`keep`) or 'greedy' (a greedy soup on the validation pairs).",
+    )
+    select_metric: SelectMetric = Field(
+        "accuracy", description="What the greedy soup improves on the validation pairs."
+    )
     learning_rates: tuple[float, ...] = Field((1e-4, 5e-5), min_length=1)
     dropouts: tuple[float, ...] = Field((0.1, 0.0), min_length=1)
     seed: int = Field(0, description="Seeds the shared head; member i uses seed + 1 + i.")
@@ -100,6 +109,10 @@ class FinetuneSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneSpec:
+        if self.select == "greedy" and self.keep is not None:
+            raise ValueError("keep is top-k's; a greedy soup chooses its own members")
+        if self.select == "top-k" and self.keep is None:
+            raise ValueError("select top-k needs keep")
         if self.calibrate and not self.merge:
             raise ValueError("calibrate needs merge: the calibration goes into the WARM artifact")
         if self.keep is not None and self.keep > self.members:
@@ -144,6 +157,9 @@ class FinetuneReport(BaseModel):
     ranking: list[TrainedMember] = Field(description="Best held-out accuracy first.")
     kept: list[str]
     artifact: str | None
+    selection: list[Tried] = Field(
+        default_factory=list, description="Every candidate average the greedy soup scored."
+    )
     temperature: float | None = Field(
         None, description="The calibrated artifact's Bradley-Terry temperature (calibrate)."
     )
@@ -410,6 +426,31 @@ def _cached(spec: FinetuneSpec, plan: MemberPlan, key: str) -> TrainedMember | N
     return result.model_copy(update={"path": str(path.parent)})  # the directory may have moved
 
 
+def soup_score(
+    members: Sequence[TrainedMember], val: Sequence[Preference], spec: FinetuneSpec
+) -> Callable[[list[str]], float]:
+    """The held-out score (`spec.select_metric`) of the uniform average of named members."""
+    from safetensors.torch import load_file
+
+    from merger.calibration import pair_metrics
+
+    paths = {m.plan.name: Path(m.path) for m in members}
+    states = {name: load_file(str(path / "model.safetensors")) for name, path in paths.items()}
+    model, tokenizer = load_rm(paths[members[0].plan.name])
+
+    def score(names: list[str]) -> float:
+        chosen = [states[n] for n in names]
+        model.load_state_dict(average_states(chosen, [1 / len(chosen)] * len(chosen)))
+        good, bad = pair_rewards(
+            model, tokenizer, val, max_length=spec.max_length, separator=spec.separator
+        )
+        if spec.select_metric == "accuracy":
+            return pairwise_accuracy(good, bad)
+        return pair_metrics((good - bad).double().numpy(), 1.0).log_loss
+
+    return score
+
+
 def finetune(
     spec: FinetuneSpec,
     train: Sequence[Preference],
@@ -460,7 +501,18 @@ def finetune(
         log(f"{plan.name}: held-out accuracy {result.val_accuracy:.3f}")
         results.append(result)
     ranking = rank(results)
-    kept = ranking[: spec.keep or spec.members]
+    tried: list[Tried] = []
+    if spec.select == "greedy":
+        names, tried = greedy_soup(
+            [r.plan.name for r in ranking],
+            [r.val_accuracy for r in ranking],
+            soup_score(ranking, val, spec),
+            higher_is_better=spec.select_metric == "accuracy",
+        )
+        kept = [r for r in ranking if r.plan.name in names]
+        log(f"greedy soup of {len(kept)}: {', '.join(names)} ({len(tried)} averages tried)")
+    else:
+        kept = ranking[: spec.keep or spec.members]
     artifact = None
     if spec.merge:
         artifact = spec.out / "warm"
@@ -488,6 +540,7 @@ def finetune(
         ranking=ranking,
         kept=[r.plan.name for r in kept],
         artifact=str(artifact) if artifact else None,
+        selection=tried,
         temperature=temperature,
     )
     with atomic_file(spec.out / REPORT_FILE) as fh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ from merger.recipe.finetune import (
     MemberPlan,
     TrainedMember,
     _set_dropout,
+    accuracy,
     finetune,
+    load_rm,
     plan_members,
     rank,
 )
@@ -75,6 +78,8 @@ def test_rank_puts_the_best_first_and_keeps_member_order_on_ties() -> None:
         ({"members": 0}, "members"),
         ({"learning_rates": ()}, "learning_rates"),
         ({"merge": False, "calibrate": True}, "calibrate needs merge"),
+        ({"select": "greedy", "keep": 2}, "keep is top-k's"),
+        ({"select": "top-k"}, "select top-k needs keep"),
     ],
 )
 def test_bad_specs_are_refused(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
@@ -149,6 +154,26 @@ def test_finetune_trains_ranks_merges_and_reuses(tmp_path: Path, bert_rm: Path) 
         log=logs.append,
     )
     assert [line.split(":")[0] for line in logs if "lr " in line] == ["member-1"]
+
+
+def test_a_greedy_soup_merges_the_members_it_keeps(tmp_path: Path, bert_rm: Path) -> None:
+    spec = spec_for(bert_rm, tmp_path / "out", select="greedy")
+    report = finetune(spec, TRAIN, VAL)
+    best = report.ranking[0]
+    first = report.selection[0]
+    # The soup starts from the best member alone, scored as the member on disk scores.
+    assert first.members == [best.plan.name] and first.kept
+    model, tokenizer = load_rm(Path(best.path))
+    assert first.score == accuracy(model, tokenizer, VAL, spec)
+    assert len(report.selection) == len(report.ranking)  # every other member tried once
+    kept = sorted(report.kept)
+    assert kept == max((t for t in report.selection if t.kept), key=lambda t: t.score).members
+    assert report.artifact is not None
+    merged = load_file(str(next(Path(report.artifact).glob("*.safetensors"))))
+    members = [weights(Path(r.path)) for r in report.ranking if r.plan.name in kept]
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(merged[name], sum(m[name] for m in members) / len(members))
+    assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["selection"]
 
 
 def test_baklava_members_start_from_checkpoints_of_one_run(tmp_path: Path, bert_rm: Path) -> None:
