@@ -206,14 +206,24 @@ def diagnose(
     steps: Annotated[int, typer.Option(min=2, help="Lambda values from 0 to 1.")] = 11,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 16,
     max_length: Annotated[int, typer.Option(min=1, help="Tokens per text (truncated).")] = 256,
+    evaluate: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--eval",
+            help="An evaluation set (JSONL pairs; repeatable, e.g. ID and shifted): says "
+            "whether the uniform WA loses to the best member there.",
+        ),
+    ] = None,
 ) -> None:
-    """Linear mode connectivity: accuracy of weight vs reward averaging along lambda."""
+    """Linear mode connectivity: accuracy of weight vs reward averaging along lambda; with
+    --eval, a verdict per evaluation set: WA against ENS and the best member."""
     from merger.diagnose import diagnose as run_diagnose
     from merger.diagnose import lambda_grid, write_report
     from merger.preferences import read_preferences
 
     try:
         prefs = read_preferences(data)
+        evaluations = {path.name: read_preferences(path) for path in evaluate or []}
         with err.status(f"scoring {len(prefs)} pairs with {len(checkpoints)} models"):
             diag = run_diagnose(
                 checkpoints,
@@ -221,6 +231,7 @@ def diagnose(
                 lambdas=lambda_grid(steps),
                 batch_size=batch_size,
                 max_length=max_length,
+                evaluations=evaluations,
             )
         json_path, png_path = write_report(diag, out_dir)
     except (MergeError, ValueError) as exc:
@@ -239,6 +250,20 @@ def diagnose(
             f"agreement {u.agreement:.3f}"
         )
     out.print(f"barrier {diag.barrier:+.3f} (<= 0: linearly mode connected)")
+    for v in diag.verdicts:
+        out.print(
+            f"{v.name} ({v.pairs} pairs): WA {v.wa_accuracy:.3f}, ENS {v.ens_accuracy:.3f}, "
+            f"best member {v.best_member} {v.best_accuracy:.3f}; WA - best "
+            f"{v.wa_accuracy - v.best_accuracy:+.3f} (standard error {v.standard_error:.3f})",
+            highlight=False,
+        )
+        if v.loses:
+            err.print(
+                f"warning: on {v.name}, averaging loses: WA is more than two standard errors "
+                f"below member {v.best_member} (finetune --select greedy leaves such members "
+                "out)",
+                highlight=False,
+            )
     out.print(f"wrote {json_path} and {png_path}", highlight=False, soft_wrap=True)
 
 

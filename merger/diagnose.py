@@ -64,6 +64,22 @@ class UniformResult(BaseModel):
     agreement: float
 
 
+class Verdict(BaseModel):
+    """Whether averaging loses on one evaluation set: the uniform WA of all members against
+    their ENS and against the best member, with the standard error of WA - best."""
+
+    name: str = Field(description="The evaluation set (its file name).")
+    pairs: int
+    wa_accuracy: float
+    ens_accuracy: float
+    best_member: int = Field(description="Index of the most accurate member.")
+    best_accuracy: float
+    standard_error: float = Field(
+        description="Of WA - best accuracy, from the pairs' paired differences."
+    )
+    loses: bool = Field(description="WA is more than two standard errors below the best member.")
+
+
 class Diagnosis(BaseModel):
     """The whole diagnostic: members, the A-B curve and, for M > 2, the uniform comparison."""
 
@@ -73,14 +89,46 @@ class Diagnosis(BaseModel):
     curve: list[CurvePoint]
     barrier: float = Field(description="Max of chord - WA accuracy; <= 0: linearly connected.")
     uniform: UniformResult | None = None
+    verdicts: list[Verdict] = Field(default_factory=list, description="One per evaluation set.")
+
+
+def correct(margins: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 where the chosen response wins, 0.5 for a tie, 0 where it loses."""
+    return (margins > 0).double() + 0.5 * (margins == 0).double()
+
+
+def verdict(
+    name: str, wa: torch.Tensor, ens: torch.Tensor, members: Sequence[torch.Tensor]
+) -> Verdict:
+    """The verdict on one set from the margins (chosen - rejected) of the uniform WA, the
+    ENS and each member. The standard error of WA - best is that of the mean of the pairs'
+    paired differences (sample std / sqrt(n)); WA loses when it is more than two of them
+    below the best member (with a zero standard error: whenever it is below)."""
+    n = wa.numel()
+    if n == 0 or ens.shape != wa.shape or any(m.shape != wa.shape for m in members) or not members:
+        raise ValueError("margins of the same non-empty pairs for WA, ENS and every member")
+    accuracies = [float(correct(m).mean()) for m in members]
+    best = max(range(len(members)), key=lambda i: (accuracies[i], -i))
+    diff = correct(wa) - correct(members[best])
+    se = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+    wa_accuracy = float(correct(wa).mean())
+    return Verdict(
+        name=name,
+        pairs=n,
+        wa_accuracy=wa_accuracy,
+        ens_accuracy=float(correct(ens).mean()),
+        best_member=best,
+        best_accuracy=accuracies[best],
+        standard_error=se,
+        loses=wa_accuracy < accuracies[best] - 2 * se,
+    )
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     """Fraction of pairs with chosen reward > rejected reward; a tie counts 0.5."""
     if chosen.shape != rejected.shape or chosen.numel() == 0:
         raise ValueError(f"need two equal non-empty shapes, got {chosen.shape}, {rejected.shape}")
-    wins = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
-    return float(wins.mean())
+    return float(correct(chosen - rejected).mean())
 
 
 def margin_accuracy(margins: torch.Tensor) -> float:
@@ -161,8 +209,11 @@ def diagnose(
     batch_size: int = 16,
     max_length: int = 256,
     separator: str = DEFAULT_SEPARATOR,
+    evaluations: Mapping[str, Sequence[Preference]] | None = None,
 ) -> Diagnosis:
-    """Score members, WA and ENS along lambda (A to B) and, for M > 2, uniform WA vs ENS."""
+    """Score members, WA and ENS along lambda (A to B) and, for M > 2, uniform WA vs ENS;
+    and for each of `evaluations` (name -> pairs; e.g. an ID and a shifted split) the
+    verdict of the uniform WA of all members against their ENS and the best member."""
     from transformers import AutoTokenizer
 
     _validate_args(checkpoints, data, lambdas)
@@ -177,18 +228,21 @@ def diagnose(
     tokenizer = AutoTokenizer.from_pretrained(first.path)
     model = load_reward_model(first.path)
 
-    texts = [
-        render(tokenizer, prompt=p.prompt, response=p.chosen, separator=separator) for p in data
-    ]
-    texts += [
-        render(tokenizer, prompt=p.prompt, response=p.rejected, separator=separator) for p in data
-    ]
-    batches = batch_texts(tokenizer, texts, batch_size, max_length)
+    def batches_of(pairs: Sequence[Preference]) -> list[dict[str, torch.Tensor]]:
+        texts = [
+            render(tokenizer, prompt=p.prompt, response=r, separator=separator)
+            for p, r in [*((p, p.chosen) for p in pairs), *((p, p.rejected) for p in pairs)]
+        ]
+        return batch_texts(tokenizer, texts, batch_size, max_length)
+
+    batches = batches_of(data)
     n = len(data)
 
-    def score(state: State, source: str) -> torch.Tensor:
+    def score(
+        state: State, source: str, on: list[dict[str, torch.Tensor]] = batches
+    ) -> torch.Tensor:
         _load_into(model, state, source)
-        return score_batches(model, batches)  # [2N]: chosen rewards, then rejected
+        return score_batches(model, on)  # [2N]: chosen rewards, then rejected
 
     def acc(rewards: torch.Tensor) -> float:
         return pairwise_accuracy(rewards[:n], rewards[n:])
@@ -225,6 +279,20 @@ def diagnose(
             agreement=agreement(margins(wa), margins(ens)),
         )
 
+    verdicts = []
+    uniform_wa = average_states(states, [1.0 / len(members)] * len(members))
+    for name, pairs in (evaluations or {}).items():
+        if not pairs:
+            raise ValueError(f"{name}: no preference pairs to evaluate on")
+        on, k = batches_of(pairs), len(pairs)
+        member_margins = [
+            (r := score(s, str(m.path), on))[:k] - r[k:]
+            for s, m in zip(states, members, strict=True)
+        ]
+        wa_rewards = score(uniform_wa, "uniform WA", on)
+        ens_margins = torch.stack(member_margins).mean(dim=0)
+        verdicts.append(verdict(name, wa_rewards[:k] - wa_rewards[k:], ens_margins, member_margins))
+
     return Diagnosis(
         pairs=n,
         max_length=max_length,
@@ -234,6 +302,7 @@ def diagnose(
         curve=curve,
         barrier=max(p.chord - p.wa_accuracy for p in curve),
         uniform=uniform,
+        verdicts=verdicts,
     )
 
 

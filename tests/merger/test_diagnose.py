@@ -17,6 +17,7 @@ from merger.diagnose import (
     JSON_NAME,
     PNG_NAME,
     Diagnosis,
+    Verdict,
     agreement,
     average_states,
     chord,
@@ -211,3 +212,21 @@ def test_cli(members: list[Path], tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "bad-prefs.jsonl:1" in result.output
     assert not (out / "x").exists()
+
+
+def test_cli_verdicts(members: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_jsonl(tmp_path / "prefs.jsonl", [p.model_dump_json() for p in PAIRS])
+    shift = write_jsonl(tmp_path / "shift.jsonl", [p.model_dump_json() for p in PAIRS[6:]])
+    args = ["diagnose", *map(str, members), "--data", str(data), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--steps", "2", "--eval", str(shift)])
+    assert result.exit_code == 0, result.output
+    assert "shift.jsonl (6 pairs): WA " in result.output and "standard error" in result.output
+    losing = Verdict(
+        name="shift.jsonl", pairs=6, wa_accuracy=0.2, ens_accuracy=0.5, best_member=2,
+        best_accuracy=0.9, standard_error=0.1, loses=True,
+    )  # fmt: skip
+    monkeypatch.setattr("merger.diagnose.verdict", lambda *_: losing)
+    result = CliRunner().invoke(app, [*args, "--steps", "2", "--eval", str(shift)])
+    assert result.exit_code == 0, result.output
+    assert "warning: on shift.jsonl, averaging loses" in result.output
+    assert "below member 2" in result.output
