@@ -107,6 +107,16 @@ def finetune(
         int, typer.Option(min=0, help="Member i starts from step i x N of one shared run.")
     ] = 0,
     epochs: Annotated[float, typer.Option(min=0.001, help="Passes over the training pairs.")] = 1.0,
+    early_stopping: Annotated[
+        bool,
+        typer.Option(
+            help="Stop a member when its held-out loss (on --val) stops improving; keep its "
+            "best checkpoint."
+        ),
+    ] = False,
+    patience: Annotated[
+        int, typer.Option(min=1, help="Early stopping: held-out evaluations without gain.")
+    ] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 16,
     max_length: Annotated[int, typer.Option(min=2, help="Tokens per text.")] = 128,
     merge: Annotated[bool, typer.Option(help="Merge the kept members into <out>/warm.")] = True,
@@ -128,6 +138,7 @@ def finetune(
             learning_rates=_parse_floats("--lr", learning_rates),
             dropouts=_parse_floats("--dropout", dropouts), seed=seed,
             baklava_steps=baklava_steps, epochs=epochs, batch_size=batch_size,
+            early_stopping=early_stopping, patience=patience,
             max_length=max_length, merge=merge, calibrate=calibrate, golden=golden,
         )  # fmt: skip
     except ValidationError as exc:

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ from merger.diagnose import average_states, pairwise_accuracy
 from merger.formatting import DEFAULT_SEPARATOR, TokenLayout, render
 from merger.plan import plan_merge
 from merger.preferences import Preference, pairs_sha256
-from merger.recipe.selection import Select, SelectMetric, Tried, greedy_soup
+from merger.recipe.selection import Select, SelectMetric, Tried, greedy_soup, laggards
 from merger.scoring import batch_texts, load_reward_model, score_batches
 from merger.writer import atomic_file
 
@@ -96,6 +97,14 @@ class FinetuneSpec(BaseModel):
         0, ge=0, description="Member i starts from step i x this of one shared run (0: off)."
     )
     epochs: float = Field(1.0, gt=0)
+    early_stopping: bool = Field(
+        False,
+        description="Evaluate the held-out loss `evaluations` times over the run, stop a "
+        "member once it has not improved for `patience` evaluations, and keep its best "
+        "checkpoint.",
+    )
+    evaluations: int = Field(10, ge=2, description="Held-out evaluations per member's run.")
+    patience: int = Field(2, ge=1, description="Evaluations without improvement before stopping.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per step.")
     max_length: int = Field(128, ge=2, description="Tokens per text (cut from the left).")
     separator: str = DEFAULT_SEPARATOR
@@ -146,6 +155,14 @@ class TrainedMember(BaseModel):
     key: str
     train_loss: float
     val_accuracy: float
+    steps: int | None = Field(
+        None, description="Optimiser steps run (early stopping: to the stop)."
+    )
+    best_step: int | None = Field(None, description="Early stopping: the step kept.")
+    best_val_loss: float | None = Field(None, description="Early stopping: its held-out loss.")
+    val_losses: list[tuple[int, float]] = Field(
+        default_factory=list, description="Early stopping: (step, held-out loss) evaluated."
+    )
 
 
 class FinetuneReport(BaseModel):
@@ -157,6 +174,9 @@ class FinetuneReport(BaseModel):
     ranking: list[TrainedMember] = Field(description="Best held-out accuracy first.")
     kept: list[str]
     artifact: str | None
+    warnings: list[str] = Field(
+        default_factory=list, description="Members far below the best on the held-out pairs."
+    )
     selection: list[Tried] = Field(
         default_factory=list, description="Every candidate average the greedy soup scored."
     )
@@ -305,9 +325,14 @@ def _trainer(
     data: Any,
     out: Path,
     on_step: Callable[[int, int], None] | None = None,
+    *,
+    eval_dataset: Any = None,
+    patience: int | None = None,
     **args: Any,
 ) -> Any:
-    from transformers import PrinterCallback, TrainerCallback
+    """TRL's RewardTrainer over `data`; with `eval_dataset` and `patience`, stopped early
+    on the held-out loss."""
+    from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
     from trl.trainer.reward_config import RewardConfig
     from trl.trainer.reward_trainer import RewardTrainer
 
@@ -324,8 +349,14 @@ def _trainer(
         **args,
     )
     trainer = RewardTrainer(
-        model=model, args=config, train_dataset=data, processing_class=tokenizer
+        model=model,
+        args=config,
+        train_dataset=data,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
+    if patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=patience))
     trainer.remove_callback(PrinterCallback)  # with tqdm off, it prints every metric dict
     if on_step is not None:
         report = on_step
@@ -393,13 +424,27 @@ def train_member(
     config = AutoConfig.from_pretrained(start)
     saved_dropout = _set_dropout(config, plan.dropout)  # dropout modules read it when built
     model = AutoModelForSequenceClassification.from_pretrained(start, config=config)
+    stopping: dict[str, Any] = {"save_strategy": "no"}
+    if spec.early_stopping:
+        steps = math.ceil(len(data) / spec.batch_size) * spec.epochs
+        every = max(1, math.ceil(steps / spec.evaluations))
+        stopping = {
+            "eval_dataset": encode_pairs(tokenizer, val, spec),
+            "patience": spec.patience,
+            "eval_strategy": "steps", "eval_steps": every, "save_strategy": "steps",
+            "save_steps": every, "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss", "greater_is_better": False,
+            "save_total_limit": 2, "save_only_model": True,
+        }  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _trainer(
             model, tokenizer, data, Path(scratch), on_step,
             learning_rate=plan.learning_rate, per_device_train_batch_size=spec.batch_size,
-            num_train_epochs=spec.epochs, seed=plan.seed, data_seed=plan.seed, save_strategy="no",
+            num_train_epochs=spec.epochs, seed=plan.seed, data_seed=plan.seed, **stopping,
         )  # fmt: skip
         loss = float(trainer.train().training_loss)
+        state = trainer.state
+    model = trainer.model
     # Members share one config (the init's dropout), so they merge without config overrides.
     for field, value in saved_dropout.items():
         setattr(model.config, field, value)
@@ -409,6 +454,14 @@ def train_member(
         key=key,
         train_loss=loss,
         val_accuracy=accuracy(model, tokenizer, val, spec),
+        steps=state.global_step,
+        best_step=state.best_global_step if spec.early_stopping else None,
+        best_val_loss=state.best_metric if spec.early_stopping else None,
+        val_losses=[
+            (int(entry["step"]), float(entry["eval_loss"]))
+            for entry in state.log_history
+            if "eval_loss" in entry
+        ],
     )
     _save_atomic(
         model, tokenizer, spec.out / plan.name, {MEMBER_FILE: result.model_dump_json(indent=2)}
@@ -487,6 +540,7 @@ def finetune(
             spec.batch_size,
             spec.max_length,
             spec.separator,
+            *(("early", spec.evaluations, spec.patience) if spec.early_stopping else ()),
         )
         result = _cached(spec, plan, key)
         if result is None:
@@ -501,6 +555,14 @@ def finetune(
         log(f"{plan.name}: held-out accuracy {result.val_accuracy:.3f}")
         results.append(result)
     ranking = rank(results)
+    accuracy_of = {r.plan.name: r.val_accuracy for r in ranking}
+    warnings = [
+        f"{name}: held-out accuracy {accuracy_of[name]:.3f}, far below the best "
+        f"({ranking[0].val_accuracy:.3f}): under-trained, or stuck on a shortcut?"
+        for name in laggards(accuracy_of, len(val))
+    ]
+    for warning in warnings:
+        log(f"warning: {warning}")
     tried: list[Tried] = []
     if spec.select == "greedy":
         names, tried = greedy_soup(
@@ -540,6 +602,7 @@ def finetune(
         ranking=ranking,
         kept=[r.plan.name for r in kept],
         artifact=str(artifact) if artifact else None,
+        warnings=warnings,
         selection=tried,
         temperature=temperature,
     )

@@ -9,7 +9,8 @@ members are given in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,3 +53,19 @@ def greedy_soup(
         if better:
             soup, best = candidate, score
     return sorted(soup), tried
+
+
+def laggards(accuracies: Mapping[str, float], pairs: int) -> list[str]:
+    """Members whose held-out accuracy (on `pairs` pairs) is more than two standard errors
+    below the best member's, the two accuracies' binomial standard errors combined: likely
+    under-trained, or stuck on a shortcut the others did not take. In the given order."""
+    best = max(accuracies.values())
+
+    def variance(p: float) -> float:
+        return p * (1 - p) / pairs
+
+    return [
+        name
+        for name, accuracy in accuracies.items()
+        if best - accuracy > 2 * math.sqrt(variance(best) + variance(accuracy))
+    ]

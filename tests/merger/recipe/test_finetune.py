@@ -27,6 +27,7 @@ from merger.recipe.finetune import (
     accuracy,
     finetune,
     load_rm,
+    pair_rewards,
     plan_members,
     rank,
 )
@@ -174,6 +175,28 @@ def test_a_greedy_soup_merges_the_members_it_keeps(tmp_path: Path, bert_rm: Path
     name = "bert.encoder.layer.0.attention.self.query.weight"
     torch.testing.assert_close(merged[name], sum(m[name] for m in members) / len(members))
     assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["selection"]
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path: Path, bert_rm: Path) -> None:
+    # A learning rate high enough that the held-out loss does not keep falling.
+    spec = spec_for(
+        bert_rm, tmp_path / "out", members=1, learning_rates=(3e-3,), epochs=4.0,
+        early_stopping=True, evaluations=8, patience=2, merge=False,
+    )  # fmt: skip
+    (member,) = finetune(spec, TRAIN, VAL).ranking
+    # 48 pairs in batches of 8 for 4 epochs: 24 steps, evaluated every 3; it stopped once two
+    # evaluations in a row had not improved on the best.
+    assert member.steps is not None and member.steps < 24
+    assert member.best_step is not None and member.best_val_loss is not None
+    losses = dict(member.val_losses)
+    assert member.best_val_loss == min(losses.values()) == losses[member.best_step]
+    assert max(losses) == member.steps and member.best_step < member.steps
+    # The member saved is the best checkpoint, not the last: its held-out loss is the best.
+    model, tokenizer = load_rm(Path(member.path))
+    chosen, rejected = pair_rewards(model, tokenizer, VAL, max_length=spec.max_length)
+    loss = float(torch.nn.functional.softplus(rejected - chosen).mean())
+    assert loss == pytest.approx(member.best_val_loss, abs=1e-4)
+    assert abs(loss - losses[member.steps]) > 1e-3
 
 
 def test_baklava_members_start_from_checkpoints_of_one_run(tmp_path: Path, bert_rm: Path) -> None:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from merger.recipe.selection import greedy_soup
+from merger.recipe.selection import greedy_soup, laggards
 
 # Held-out accuracy of each member alone, and of the averages the soup may try.
 ALONE = {"a": 0.80, "b": 0.75, "c": 0.70, "d": 0.60}
@@ -52,3 +52,10 @@ def test_members_and_accuracies_go_together() -> None:
         greedy_soup(["a"], [0.5, 0.6], evaluate)
     with pytest.raises(ValueError, match="at least one member"):
         greedy_soup([], [], evaluate)
+
+
+def test_members_far_below_the_best_are_named() -> None:
+    # 100 pairs: b is 0.05 below a (2 standard errors: 0.093), c is 0.4 below (0.117).
+    assert laggards({"a": 0.9, "b": 0.85, "c": 0.5}, 100) == ["c"]
+    assert laggards({"a": 0.9, "b": 0.85, "c": 0.5}, 10) == ["c"]  # 0.4 > 2 x 0.184
+    assert laggards({"a": 0.7, "b": 0.7}, 50) == []
